@@ -1,0 +1,36 @@
+# Every target does its own set-up: `make test` and `make demo` work on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-slow demo lint bench clean
+
+install: $(STAMP)
+
+# Reinstall only when the dependency pins or the package metadata change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+demo: install
+	$(BIN)/tflow demo
+
+lint: install
+	$(BIN)/ruff check tflow generators tests benchmarks
+
+bench: install
+	$(BIN)/tflow bench --quick
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

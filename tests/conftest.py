@@ -1,0 +1,55 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tflow import tiny  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return tiny.tokenizer()
+
+
+@pytest.fixture(scope="session")
+def qwen(tok):
+    return tiny.model(tok, hidden_size=64, num_layers=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def llama(tok):
+    return tiny.model(tok, arch="llama", hidden_size=64, num_layers=2, seed=1)
+
+
+def random_delta(model, batch, rank=4, scale=0.5, seed=0, targets=None, std=0.2):
+    """Random per-row factors for every targeted linear of `model`."""
+    from tflow import LoRADelta, ReceiverSpec
+
+    spec = ReceiverSpec.from_model(model, targets)
+    g = torch.Generator().manual_seed(seed)
+    factors = {
+        m.name: (
+            torch.randn(batch, rank, m.in_features, generator=g) * std,
+            torch.randn(batch, m.out_features, rank, generator=g) * std,
+        )
+        for m in spec.modules
+    }
+    return LoRADelta(factors, scale=scale)
+
+
+def merged_copy(model, delta, row):
+    """A copy of `model` with W + scale * B_row A_row merged into every delta module."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    modules = dict(clone.named_modules())
+    with torch.no_grad():
+        for name, (a, b) in delta.factors.items():
+            modules[name].weight += delta.scale * b[row] @ a[row]
+    return clone

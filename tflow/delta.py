@@ -1,0 +1,159 @@
+"""LoRADelta: per-row low-rank factors for a model's linear modules."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from tflow.errors import CheckpointError, DeltaError
+from tflow.io import atomic_write_safetensors, read_safetensors
+
+
+@dataclass(frozen=True)
+class LoRADelta:
+    """Low-rank update `scale * B_b A_b` for each named module and each batch row b.
+
+    factors: {module_name: (A, B)} with A: [batch, rank, in_features] and
+    B: [batch, out_features, rank]; names as in `model.named_modules()`.
+
+    Raises:
+        DeltaError: factors empty, not 3-D, or disagreeing on batch or rank.
+    """
+
+    factors: Mapping[str, tuple[Tensor, Tensor]]
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.factors:
+            raise DeltaError("LoRADelta needs at least one module in `factors`")
+        batches = set()
+        for name, pair in self.factors.items():
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise DeltaError(f"factors[{name!r}] must be a pair (A, B)")
+            a, b = pair
+            if a.dim() != 3 or b.dim() != 3:
+                raise DeltaError(
+                    f"{name}: A must be [batch, rank, in] and B [batch, out, rank]; "
+                    f"got A {tuple(a.shape)} and B {tuple(b.shape)}"
+                )
+            if a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2]:
+                raise DeltaError(
+                    f"{name}: A {tuple(a.shape)} and B {tuple(b.shape)} disagree on batch or "
+                    "rank (A: [batch, rank, in], B: [batch, out, rank])"
+                )
+            batches.add(a.shape[0])
+        if len(batches) != 1:
+            raise DeltaError(f"all modules need the same batch size, got {sorted(batches)}")
+        object.__setattr__(self, "factors", dict(self.factors))
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.factors.values()))[0].shape[0]
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes held by all factors (what a weight-space message weighs)."""
+        return sum(t.numel() * t.element_size() for pair in self.factors.values() for t in pair)
+
+    def validate(self, model: nn.Module) -> None:
+        """Check every module exists in `model`, is an nn.Linear, and matches the factor shapes.
+
+        Raises:
+            DeltaError: naming the module and both shapes.
+        """
+        modules = dict(model.named_modules())
+        for name, (a, b) in self.factors.items():
+            module = modules.get(name)
+            if not isinstance(module, nn.Linear):
+                linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+                hint = ", ".join(linears[:4]) + (", ..." if len(linears) > 4 else "")
+                what = "is not an nn.Linear" if module is not None else "does not exist"
+                raise DeltaError(f"delta module {name!r} {what} in the model; linear modules are e.g. {hint}")
+            if a.shape[2] != module.in_features or b.shape[1] != module.out_features:
+                raise DeltaError(
+                    f"{name}: delta A {tuple(a.shape)} / B {tuple(b.shape)} do not fit "
+                    f"Linear(in={module.in_features}, out={module.out_features}); "
+                    "need A [batch, rank, in] and B [batch, out, rank]"
+                )
+
+    def expand(self, n: int) -> LoRADelta:
+        """Repeat each row n times in place (row b becomes rows b*n .. b*n+n-1), as generate() does."""
+        if n == 1:
+            return self
+        return self._map(lambda t: t.repeat_interleave(n, dim=0))
+
+    def select(self, rows: Tensor) -> LoRADelta:
+        """Keep only the given rows (an index or boolean mask over the batch)."""
+        return self._map(lambda t: t[rows])
+
+    def to(self, device=None, dtype=None) -> LoRADelta:
+        return self._map(lambda t: t.to(device=device, dtype=dtype))
+
+    def detach(self) -> LoRADelta:
+        return self._map(Tensor.detach)
+
+    def _map(self, fn) -> LoRADelta:
+        return LoRADelta({k: (fn(a), fn(b)) for k, (a, b) in self.factors.items()}, self.scale)
+
+    @staticmethod
+    def concat(deltas: Sequence[LoRADelta], weights: Sequence[float | Tensor] | None = None) -> LoRADelta:
+        """Exact sum of weighted deltas as one delta of the summed rank.
+
+        sum_s w_s * scale_s * B_s A_s == scale * cat_s(w_s * scale_s/scale * B_s) cat_s(A_s),
+        so patching with the result equals patching with every delta at once. A weight may be a
+        float, a 0-d tensor or a [batch] tensor (one weight per row); tensors keep their gradient.
+
+        Raises:
+            DeltaError: no deltas, mismatched batch sizes, or a weight count that differs.
+        """
+        if not deltas:
+            raise DeltaError("concat needs at least one delta")
+        weights = [1.0] * len(deltas) if weights is None else list(weights)
+        if len(weights) != len(deltas):
+            raise DeltaError(f"concat got {len(deltas)} deltas but {len(weights)} weights")
+        if len({d.batch_size for d in deltas}) != 1:
+            raise DeltaError(f"concat needs equal batch sizes, got {[d.batch_size for d in deltas]}")
+        scale = deltas[0].scale
+        names = list(dict.fromkeys(name for d in deltas for name in d.factors))
+        factors = {}
+        for name in names:
+            a_parts, b_parts = [], []
+            for delta, weight in zip(deltas, weights):
+                if name not in delta.factors:
+                    continue
+                a, b = delta.factors[name]
+                w = weight.reshape(-1, 1, 1) if isinstance(weight, Tensor) else weight
+                a_parts.append(a)
+                b_parts.append(b * (w * (delta.scale / scale)))
+            factors[name] = (torch.cat(a_parts, dim=1), torch.cat(b_parts, dim=2))
+        return LoRADelta(factors, scale)
+
+    def save(self, path: str | Path) -> None:
+        """Write the delta to a safetensors file atomically."""
+        tensors = {}
+        for name, (a, b) in self.factors.items():
+            tensors[f"{name}/A"] = a.detach().contiguous()
+            tensors[f"{name}/B"] = b.detach().contiguous()
+        atomic_write_safetensors(tensors, path, {"tflow.kind": "lora_delta", "scale": json.dumps(self.scale)})
+
+    @classmethod
+    def load(cls, path: str | Path, device=None) -> LoRADelta:
+        """Read a delta written by `save`.
+
+        Raises:
+            CheckpointError: missing, not safetensors, or not a delta file.
+        """
+        tensors, meta = read_safetensors(path, device=device)
+        if meta.get("tflow.kind") != "lora_delta":
+            raise CheckpointError(f"{path} is a safetensors file but not a tflow LoRA delta")
+        names = sorted({key.rsplit("/", 1)[0] for key in tensors})
+        try:
+            factors = {n: (tensors[f"{n}/A"], tensors[f"{n}/B"]) for n in names}
+        except KeyError as missing:
+            raise CheckpointError(f"{path} lacks tensor {missing}; the file is incomplete") from None
+        return cls(factors, float(json.loads(meta["scale"])))

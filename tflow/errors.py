@@ -1,0 +1,43 @@
+"""Typed exceptions: the library raises these; only the CLI turns them into one line and exit 2."""
+
+
+class TflowError(Exception):
+    """Base of every error tflow raises for a problem the user can fix."""
+
+
+class DeltaError(TflowError, ValueError):
+    """A LoRA delta whose shapes disagree with each other or with the model it patches."""
+
+
+class TargetError(TflowError, ValueError):
+    """A target module name the receiver does not have."""
+
+
+class PatchError(TflowError, RuntimeError):
+    """A patch that cannot be applied now (busy model, batch the delta cannot cover)."""
+
+
+class RecipeError(TflowError, ValueError):
+    """A recipe or override that does not validate; `problems` lists every one as `key.path: message`."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(where + "; ".join(self.problems))
+
+
+class CheckpointError(TflowError, ValueError):
+    """A checkpoint that is missing, unreadable, not safetensors, or made for another receiver."""
+
+
+class ModelLoadError(TflowError, ValueError):
+    """A model or tokenizer that cannot be loaded or cannot serve as an agent."""
+
+
+class QueryError(TflowError, ValueError):
+    """A query or generation setting that cannot be run (empty, too long, bad token budget)."""
+
+
+class DataError(TflowError, ValueError):
+    """A dataset that cannot be loaded or lacks a required field."""

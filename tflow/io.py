@@ -1,0 +1,65 @@
+"""Safe file I/O: atomic writes and safetensors-only reads (nothing is ever unpickled)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import Tensor
+
+from tflow.errors import CheckpointError
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a temp file beside `path`, fsync it, then rename it over `path`.
+
+    A crash at any point leaves either the old file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def read_safetensors(path: str | Path, device=None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Load tensors and metadata from a safetensors file.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, corrupted or not safetensors (a pickle
+            is rejected by its header and never unpickled).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
+            meta = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # safetensors raises several unrelated types for a bad file
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({type(err).__name__}: {err}); "
+            "tflow loads only safetensors, re-export it or point at the right file"
+        ) from None
+    return tensors, meta
