@@ -41,3 +41,7 @@ class QueryError(TflowError, ValueError):
 
 class DataError(TflowError, ValueError):
     """A dataset that cannot be loaded or lacks a required field."""
+
+
+class ChannelError(TflowError, ValueError):
+    """A channel that does not exist, or one the team cannot run (weights without a generator)."""

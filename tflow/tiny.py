@@ -91,7 +91,7 @@ def model(tok, *, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kw
 
     cfg = config(len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **config_kwargs)
     torch.manual_seed(seed)
-    lm = AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
+    lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     lm.generation_config.pad_token_id = tok.pad_token_id
     lm.generation_config.eos_token_id = tok.eos_token_id
     return lm.eval()

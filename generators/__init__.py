@@ -1,0 +1,54 @@
+"""Pluggable parameter generators (hypernetworks) and the registry that builds them by `kind`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from generators.base import Generator, masked_mean
+from tflow.errors import RecipeError
+from tflow.spec import ReceiverSpec
+
+_REGISTRY: dict[str, type[Generator]] = {}
+
+
+def register(name: str) -> Callable[[type[Generator]], type[Generator]]:
+    """Class decorator: make a Generator subclass buildable as `kind: name`.
+
+    Raises:
+        ValueError: `name` is already registered.
+    """
+
+    def decorate(cls: type[Generator]) -> type[Generator]:
+        if name in _REGISTRY:
+            raise ValueError(f"generator {name!r} is already registered by {_REGISTRY[name].__name__}")
+        cls.kind = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def available() -> list[str]:
+    """Registered generator kinds, in registration order."""
+    return list(_REGISTRY)
+
+
+def build(config: Mapping[str, Any], spec: ReceiverSpec, sender_hidden_size: int) -> Generator:
+    """A fresh generator of `config["kind"]` emitting factors for every module of `spec`.
+
+    Raises:
+        RecipeError: unknown or missing kind, unknown keys, or invalid values (all reported at once).
+    """
+    kind = config.get("kind")
+    if kind not in _REGISTRY:
+        what = "is required" if kind is None else f"unknown generator {kind!r}"
+        raise RecipeError([f"generator.kind: {what}; available: {', '.join(available())}"])
+    return _REGISTRY[kind](spec, config, sender_hidden_size)
+
+
+# Imported last so their @register calls find the registry above; this order is `available()`.
+from generators import param_tokens  # noqa: E402, F401, I001
+from generators import mlp  # noqa: E402, F401, I001
+
+__all__ = ["Generator", "available", "build", "masked_mean", "register"]

@@ -1,0 +1,137 @@
+"""Generator base: config resolution, masked pooling, and the detokenizer shared by every kind."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from tflow.errors import RecipeError, TargetError
+from tflow.spec import ReceiverSpec
+
+Factors = dict[str, tuple[Tensor, Tensor]]
+
+
+def masked_mean(cond: Tensor, mask: Tensor) -> Tensor:
+    """Mean over real tokens only; a row without any real token pools to zeros.
+
+    cond: [N, T, H], mask: [N, T] (True = real token) -> [N, H].
+    """
+    mask = mask.bool()
+    total = torch.where(mask[..., None], cond, 0.0).sum(dim=1)
+    return total / mask.sum(dim=1, keepdim=True).clamp(min=1).to(cond.dtype)
+
+
+def _number_problem(cfg: Mapping[str, Any], key: str, integer: bool, valid: Callable[[float], bool],
+                    need: str) -> list[str]:
+    """`generator.key: message` for a value of the wrong type or out of range, else nothing."""
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, (int,) if integer else (int, float)):
+        return [f"generator.{key}: must be {'an integer' if integer else 'a number'}, got {value!r}"]
+    return [] if valid(value) else [f"generator.{key}: must be {need}, got {value}"]
+
+
+class Detokenizer(nn.Module):
+    """Per-module-kind heads turning one d_model token per (layer, kind) slot into LoRA factors.
+
+    B heads start at exactly zero (weights and biases), so a fresh generator is a no-op; A heads
+    start like a LoRA A: entries of std ~1/sqrt(in_features) for layer-normalised tokens.
+
+    Raises:
+        TargetError: one module kind with different shapes in different layers.
+    """
+
+    def __init__(self, spec: ReceiverSpec, d_model: int, rank: int):
+        super().__init__()
+        self.rank = rank
+        self.layers = tuple(spec.layers)
+        self.kinds = tuple(dict.fromkeys(m.kind for m in spec.modules))
+        self.names = tuple(spec.module_names)
+        position = {layer: i for i, layer in enumerate(self.layers)}
+        self.slot_names: dict[str, list[str]] = {k: [] for k in self.kinds}
+        self.slot_layers: dict[str, list[int]] = {k: [] for k in self.kinds}
+        shapes: dict[str, tuple[int, int]] = {}
+        for m in spec.modules:
+            if shapes.setdefault(m.kind, (m.in_features, m.out_features)) != (m.in_features, m.out_features):
+                raise TargetError(
+                    f"{m.kind} is {shapes[m.kind]} in one layer but {(m.in_features, m.out_features)} "
+                    f"in {m.name}; a generator needs one (in, out) shape per target kind"
+                )
+            self.slot_names[m.kind].append(m.name)
+            self.slot_layers[m.kind].append(position[m.layer])
+        self.a = nn.ModuleDict({k: nn.Linear(d_model, rank * i) for k, (i, _) in shapes.items()})
+        self.b = nn.ModuleDict({k: nn.Linear(d_model, o * rank) for k, (_, o) in shapes.items()})
+        for kind, (in_features, _) in shapes.items():
+            nn.init.normal_(self.a[kind].weight, std=1.0 / math.sqrt(d_model * in_features))
+            nn.init.zeros_(self.a[kind].bias)
+            nn.init.zeros_(self.b[kind].weight)
+            nn.init.zeros_(self.b[kind].bias)
+
+    def forward(self, tokens: Tensor) -> Factors:
+        """tokens: [N, len(layers), len(kinds), d_model] -> {name: (A [N, r, in], B [N, out, r])}."""
+        factors: Factors = {}
+        for k, kind in enumerate(self.kinds):
+            picked = tokens[:, self.slot_layers[kind], k]
+            a = rearrange(self.a[kind](picked), "n l (r i) -> l n r i", r=self.rank)
+            b = rearrange(self.b[kind](picked), "n l (o r) -> l n o r", r=self.rank)
+            pairs = zip(a.unbind(0), b.unbind(0), strict=True)
+            factors.update(zip(self.slot_names[kind], pairs, strict=True))
+        return {name: factors[name] for name in self.names}
+
+
+class Generator(nn.Module):
+    """Maps per-(sender, query) conditioning to LoRA factors for every module of `spec`.
+
+    Subclasses register with `generators.register(kind)`, extend `defaults` with their own knobs
+    and `problems` with their own checks, and implement `forward`.
+
+    Raises:
+        RecipeError: every unknown key or invalid value in `config`, all at once.
+    """
+
+    defaults: ClassVar[dict[str, Any]] = {
+        "rank": 4, "alpha": 8.0, "d_model": 256, "depth": 2, "heads": 4, "dropout": 0.0,
+    }
+    kind: ClassVar[str]
+
+    def __init__(self, spec: ReceiverSpec, config: Mapping[str, Any], sender_hidden_size: int):
+        super().__init__()
+        self.config = self.resolve(config)
+        self.spec = spec
+        self.sender_hidden_size = sender_hidden_size
+        self.rank: int = self.config["rank"]
+        self.alpha: float = self.config["alpha"]
+        self.scale = self.alpha / self.rank
+        self.detokenizer = Detokenizer(spec, self.config["d_model"], self.rank)
+
+    @classmethod
+    def resolve(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults filled in (a `None` value means the default), validated, JSON-serialisable."""
+        unknown = [k for k in config if k != "kind" and k not in cls.defaults]
+        problems = [f"generator.{k}: unknown key for kind {cls.kind!r}; known keys: "
+                    + ", ".join(["kind", *cls.defaults]) for k in unknown]
+        cfg = {"kind": cls.kind, **cls.defaults}
+        cfg.update({k: v for k, v in config.items() if k in cls.defaults and v is not None})
+        problems += cls.problems(cfg)
+        if problems:
+            raise RecipeError(problems)
+        cfg["alpha"], cfg["dropout"] = float(cfg["alpha"]), float(cfg["dropout"])
+        return cfg
+
+    @classmethod
+    def problems(cls, cfg: Mapping[str, Any]) -> list[str]:
+        """What is wrong with a defaults-filled config, as `generator.key: message` lines."""
+        problems = []
+        for key in ("rank", "d_model", "depth", "heads"):
+            problems += _number_problem(cfg, key, True, lambda v: v > 0, "> 0")
+        problems += _number_problem(cfg, "alpha", False, lambda v: 0 < v < math.inf, "> 0")
+        problems += _number_problem(cfg, "dropout", False, lambda v: 0 <= v < 1, "in [0, 1)")
+        return problems
+
+    def forward(self, cond: Tensor, mask: Tensor) -> Factors:
+        """cond: [N, T, H] (padding zero), mask: [N, T] bool -> {name: (A [N, r, in], B [N, out, r])}."""
+        raise NotImplementedError

@@ -1,0 +1,56 @@
+"""Agents: role-prompted senders and the receiver that answers, on frozen HF causal LMs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from tflow.errors import ModelLoadError
+
+
+def chat_prompt(tokenizer, system: str | None, user: str) -> str:
+    """The chat-template text of a system + user turn, ending with the assistant header.
+
+    Raises:
+        ModelLoadError: the tokenizer has no chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__} has no chat "
+            "template; use an instruct/chat model's tokenizer or set tokenizer.chat_template"
+        )
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@dataclass(eq=False)
+class Sender:
+    """A frozen agent that reads the query under its role prompt (and an optional private document).
+
+    The role is the system message; `context`, when given, comes before the query in the user turn.
+    """
+
+    model: nn.Module
+    tokenizer: object
+    role: str
+    name: str | None = None
+    context: str | None = None
+
+    def prompt(self, query: str) -> str:
+        user = f"{self.context}\n\n{query}" if self.context else query
+        return chat_prompt(self.tokenizer, self.role, user)
+
+
+@dataclass(eq=False)
+class Receiver:
+    """The agent that answers; `generator` (a tflow Hypernetwork) turns sender states into its delta."""
+
+    model: nn.Module
+    tokenizer: object
+    system_prompt: str | None = None
+    generator: nn.Module | None = None
+    name: str = "receiver"
+
+    def prompt(self, query: str) -> str:
+        return chat_prompt(self.tokenizer, self.system_prompt, query)

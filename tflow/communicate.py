@@ -1,0 +1,158 @@
+"""tflow.communicate: one entry point for every channel, one ledger for all of them.
+
+Channels: `none` (the receiver alone), `text` (TextMAS: senders write messages in turn, the
+receiver reads them all), `weights` (TFlow: sender states -> generator -> fused delta -> the
+receiver generates with the delta patched in).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from contextlib import ExitStack, contextmanager
+
+import torch
+
+from tflow.agents import Receiver, Sender
+from tflow.encoding import encode, token_ids
+from tflow.errors import ChannelError, QueryError
+from tflow.generation import GenerationSettings, generate
+from tflow.patching import patched
+from tflow.reply import AgentUsage, Reply, Usage
+
+CHANNELS = ("none", "text", "weights")
+
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequence[str], *,
+                channel: str = "weights", max_new_tokens: int = 64, do_sample: bool = False,
+                temperature: float = 1.0, top_p: float = 1.0, num_beams: int = 1,
+                message_tokens: int = 256) -> Reply | list[Reply]:
+    """Answer `query` (a str -> Reply; a list -> list of Replies, run as one batch) over `channel`.
+
+    Calls from several threads on shared models run one at a time, never mixing deltas.
+
+    Raises:
+        ChannelError: unknown channel, or `weights` with a receiver that has no generator.
+        QueryError: empty query, bad token budget, or a prompt longer than the context.
+    """
+    if channel not in CHANNELS:
+        raise ChannelError(f"unknown channel {channel!r}; choose one of: {', '.join(CHANNELS)}")
+    if channel == "weights" and receiver.generator is None:
+        raise ChannelError("the weights channel needs a generator on the receiver: "
+                           "use tflow.load(recipe, checkpoint=DIR) or Receiver(..., generator=...)")
+    if channel != "none" and not senders:
+        raise ChannelError(f"the {channel} channel needs at least one sender")
+    queries = [query] if isinstance(query, str) else list(query)
+    if not queries or any(not isinstance(q, str) or not q.strip() for q in queries):
+        raise QueryError("every query must be a non-empty string")
+    if message_tokens <= 0:
+        raise QueryError(f"message_tokens must be > 0, got {message_tokens}")
+    settings = GenerationSettings(max_new_tokens, do_sample, temperature, top_p, num_beams)
+    names = _names(senders, receiver)
+    with _exclusive([s.model for s in senders] + [receiver.model]):
+        run = {"none": _none, "text": _text, "weights": _weights}[channel]
+        replies = run(senders, receiver, queries, settings, names, message_tokens)
+    return replies[0] if isinstance(query, str) else replies
+
+
+def _none(senders, receiver, queries, settings, names, message_tokens):
+    clock = _Clock()
+    out = generate(receiver.model, receiver.tokenizer, [receiver.prompt(q) for q in queries], settings)
+    timings = {"receiver": clock.lap()}
+    return [
+        Reply(text, "none", Usage({receiver.name: AgentUsage(p, g)}), timings)
+        for text, p, g in zip(out.texts, out.prompt_tokens, out.generated_tokens)
+    ]
+
+
+def _weights(senders, receiver, queries, settings, names, message_tokens):
+    clock = _Clock()
+    states = encode(senders, queries)
+    timings = {"senders": clock.lap()}
+    with torch.no_grad():
+        delta = receiver.generator(states)
+    timings["generator"] = clock.lap()
+    with patched(receiver.model, delta):
+        out = generate(receiver.model, receiver.tokenizer, [receiver.prompt(q) for q in queries], settings)
+    timings["receiver"] = clock.lap()
+    per_row_bytes = delta.num_bytes // delta.batch_size
+    replies = []
+    for q, text in enumerate(out.texts):
+        ledger = {names[s]: AgentUsage(int(states.prompt_tokens[s * len(queries) + q])) for s in range(len(senders))}
+        ledger[receiver.name] = AgentUsage(out.prompt_tokens[q], out.generated_tokens[q])
+        replies.append(Reply(text, "weights", Usage(ledger), timings, per_row_bytes))
+    return replies
+
+
+def _text(senders, receiver, queries, settings, names, message_tokens):
+    clock = _Clock()
+    messages: list[dict[str, str]] = [{} for _ in queries]
+    ledgers: list[dict[str, AgentUsage]] = [{} for _ in queries]
+    for s, sender in enumerate(senders):
+        prompts = [sender.prompt(text_turn(q, m)) for q, m in zip(queries, messages)]
+        out = generate(sender.model, sender.tokenizer, prompts, settings, max_new_tokens=message_tokens)
+        for q, text in enumerate(out.texts):
+            messages[q][names[s]] = text
+            ledgers[q][names[s]] = AgentUsage(out.prompt_tokens[q], out.generated_tokens[q])
+    timings = {"senders": clock.lap()}
+    prompts = [receiver.prompt(text_turn(q, m)) for q, m in zip(queries, messages)]
+    out = generate(receiver.model, receiver.tokenizer, prompts, settings)
+    timings["receiver"] = clock.lap()
+    replies = []
+    for q, text in enumerate(out.texts):
+        ledgers[q][receiver.name] = AgentUsage(out.prompt_tokens[q], out.generated_tokens[q])
+        sent = sum(len(ids) for ids in token_ids(receiver.tokenizer, list(messages[q].values()))) if messages[q] else 0
+        nbytes = sent * _token_id_bytes(receiver.tokenizer)
+        replies.append(Reply(text, "text", Usage(ledgers[q]), timings, nbytes, dict(messages[q])))
+    return replies
+
+
+def text_turn(query: str, messages: dict[str, str]) -> str:
+    """The user turn of the text channel: the query, then each earlier message under its author."""
+    if not messages:
+        return query
+    notes = "\n".join(f"[{name}]: {text}" for name, text in messages.items())
+    return f"{query}\n\nMessages from your team:\n{notes}"
+
+
+def _token_id_bytes(tokenizer) -> int:
+    """Bytes per token id on the wire: the smallest integer width that holds the vocabulary."""
+    return 2 if len(tokenizer) <= 1 << 16 else 4
+
+
+def _names(senders: Sequence[Sender], receiver: Receiver) -> list[str]:
+    names = [s.name or f"sender{i}" for i, s in enumerate(senders)]
+    if len(set(names + [receiver.name])) != len(names) + 1:
+        raise ChannelError(f"agent names must be unique, got senders {names} and receiver {receiver.name!r}")
+    return names
+
+
+@contextmanager
+def _exclusive(models):
+    """Hold every distinct model's lock (in a fixed order, so threads cannot deadlock)."""
+    unique = {id(m): m for m in models}
+    with ExitStack() as stack:
+        for key in sorted(unique):
+            with _LOCKS_GUARD:
+                lock = _LOCKS.setdefault(unique[key], threading.Lock())
+            stack.enter_context(lock)
+        yield
+
+
+class _Clock:
+    """Wall-clock laps that wait for queued CUDA work, so a stage is charged its own kernels."""
+
+    def __init__(self):
+        self._last = time.perf_counter()
+
+    def lap(self) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        seconds, self._last = now - self._last, now
+        return seconds

@@ -1,0 +1,45 @@
+"""Hypernetwork: sender states -> one fused per-query LoRADelta (aggregation, generator, fusion)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+import generators
+from tflow.conditioning import LayerAggregation
+from tflow.delta import LoRADelta
+from tflow.encoding import SenderStates
+from tflow.fusion import Fusion
+from tflow.spec import ReceiverSpec
+
+
+class Hypernetwork(nn.Module):
+    """The trainable part of the weight channel; everything a generator checkpoint holds.
+
+    `config` records what is needed to rebuild it: the generator config, the number of senders,
+    the sender layer count and hidden size, and the fusion gate's initial value.
+    """
+
+    def __init__(self, spec: ReceiverSpec, generator: Mapping, num_senders: int, sender_layers: int,
+                 sender_hidden: int, gate_init: float = 1.0):
+        super().__init__()
+        self.spec = spec
+        self.aggregation = LayerAggregation(sender_layers)
+        self.generator = generators.build(dict(generator), spec, sender_hidden)
+        self.fusion = Fusion(num_senders, gate_init)
+        self.config = {
+            "generator": self.generator.config,
+            "num_senders": num_senders,
+            "sender_layers": sender_layers,
+            "sender_hidden": sender_hidden,
+            "gate_init": gate_init,
+        }
+
+    def forward(self, states: SenderStates) -> LoRADelta:
+        """One delta with a row per query: rank = num_senders * generator rank."""
+        device = self.fusion.gate_logits.device
+        mask = states.mask.to(device)
+        cond = self.aggregation(states.hidden.to(device), mask)
+        factors = self.generator(cond, mask)
+        return self.fusion(factors, states.num_senders, self.generator.scale)
