@@ -37,8 +37,10 @@ class Sender:
     name: str | None = None
     context: str | None = None
 
-    def prompt(self, query: str) -> str:
-        user = f"{self.context}\n\n{query}" if self.context else query
+    def prompt(self, query: str, context: str | None = None) -> str:
+        """The chat text this sender reads; `context` replaces the sender's own for this query."""
+        context = context if context is not None else self.context
+        user = f"{context}\n\n{query}" if context else query
         return chat_prompt(self.tokenizer, self.role, user)
 
 

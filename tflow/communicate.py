@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -31,8 +31,12 @@ _LOCKS_GUARD = threading.Lock()
 def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequence[str], *,
                 channel: str = "weights", max_new_tokens: int = 64, do_sample: bool = False,
                 temperature: float = 1.0, top_p: float = 1.0, num_beams: int = 1,
-                message_tokens: int = 256) -> Reply | list[Reply]:
+                message_tokens: int = 256,
+                contexts: Sequence[Mapping[str, str]] | None = None) -> Reply | list[Reply]:
     """Answer `query` (a str -> Reply; a list -> list of Replies, run as one batch) over `channel`.
+
+    `contexts`, one mapping per query, gives a sender (by name) a private document for that
+    query in place of its own `context`.
 
     Calls from several threads on shared models run one at a time, never mixing deltas.
 
@@ -54,13 +58,16 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
         raise QueryError(f"message_tokens must be > 0, got {message_tokens}")
     settings = GenerationSettings(max_new_tokens, do_sample, temperature, top_p, num_beams)
     names = _names(senders, receiver)
+    if contexts is not None and len(contexts) != len(queries):
+        raise QueryError(f"got {len(contexts)} contexts for {len(queries)} queries; give one mapping per query")
+    per_sender = [[(c or {}).get(name) for c in contexts] for name in names] if contexts is not None else None
     with _exclusive([s.model for s in senders] + [receiver.model]):
         run = {"none": _none, "text": _text, "weights": _weights}[channel]
-        replies = run(senders, receiver, queries, settings, names, message_tokens)
+        replies = run(senders, receiver, queries, settings, names, message_tokens, per_sender)
     return replies[0] if isinstance(query, str) else replies
 
 
-def _none(senders, receiver, queries, settings, names, message_tokens):
+def _none(senders, receiver, queries, settings, names, message_tokens, contexts):
     clock = _Clock()
     out = generate(receiver.model, receiver.tokenizer, [receiver.prompt(q) for q in queries], settings)
     timings = {"receiver": clock.lap()}
@@ -70,9 +77,9 @@ def _none(senders, receiver, queries, settings, names, message_tokens):
     ]
 
 
-def _weights(senders, receiver, queries, settings, names, message_tokens):
+def _weights(senders, receiver, queries, settings, names, message_tokens, contexts):
     clock = _Clock()
-    states = encode(senders, queries)
+    states = encode(senders, queries, contexts)
     timings = {"senders": clock.lap()}
     with torch.no_grad():
         delta = receiver.generator(states)
@@ -89,12 +96,13 @@ def _weights(senders, receiver, queries, settings, names, message_tokens):
     return replies
 
 
-def _text(senders, receiver, queries, settings, names, message_tokens):
+def _text(senders, receiver, queries, settings, names, message_tokens, contexts):
     clock = _Clock()
     messages: list[dict[str, str]] = [{} for _ in queries]
     ledgers: list[dict[str, AgentUsage]] = [{} for _ in queries]
     for s, sender in enumerate(senders):
-        prompts = [sender.prompt(text_turn(q, m)) for q, m in zip(queries, messages)]
+        prompts = [sender.prompt(text_turn(q, m), contexts[s][i] if contexts else None)
+                   for i, (q, m) in enumerate(zip(queries, messages))]
         out = generate(sender.model, sender.tokenizer, prompts, settings, max_new_tokens=message_tokens)
         for q, text in enumerate(out.texts):
             messages[q][names[s]] = text

@@ -44,8 +44,11 @@ class SenderStates:
     num_queries: int
 
 
-def encode(senders: Sequence[Sender], queries: Sequence[str]) -> SenderStates:
+def encode(senders: Sequence[Sender], queries: Sequence[str],
+           contexts: Sequence[Sequence[str | None]] | None = None) -> SenderStates:
     """Run all senders on all queries: one no-grad forward per distinct backbone, no LM head.
+
+    contexts[s][q], when given and not None, is sender s's private document for query q.
 
     Senders that share a model object share its forward. Right padding keeps every real
     position's computation independent of padding and of batchmates.
@@ -59,7 +62,9 @@ def encode(senders: Sequence[Sender], queries: Sequence[str]) -> SenderStates:
     rows: dict[int, tuple[Tensor, Tensor]] = {}
     for members in groups.values():
         model, tokenizer = senders[members[0]].model, senders[members[0]].tokenizer
-        seqs = token_ids(tokenizer, [senders[i].prompt(q) for i in members for q in queries])
+        texts = [senders[i].prompt(q, contexts[i][j] if contexts else None)
+                 for i in members for j, q in enumerate(queries)]
+        seqs = token_ids(tokenizer, texts)
         device = next(model.parameters()).device
         ids, mask = pad_batch(seqs, tokenizer.pad_token_id, "right", device)
         with torch.no_grad():

@@ -1,0 +1,156 @@
+"""Relay: a synthetic task where only a sender's private context holds the fact the receiver is asked.
+
+Every example asks about one (entity, value) fact; one sender, drawn per example, holds it and
+every other sender holds a distractor fact about another entity, so the receiver can only
+answer by what the senders communicate. Generation is seeded and needs no download.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+from tflow.errors import DataError
+from tflow.tasks.base import Example, Task
+
+CITIES = (
+    "Lisbon Paris Oslo Cairo Lima Tokyo Dublin Vienna Prague Madrid Berlin Rome Athens Warsaw "
+    "Helsinki Nairobi Havana Quito Bogota Santiago Sydney Toronto Mumbai Seoul Hanoi Manila "
+    "Jakarta Istanbul Moscow Riga Tallinn Zurich"
+).split()
+WORDS = (
+    "apple anchor arrow badge banjo barrel basket beacon bell blanket bottle bracket bridge brush "
+    "bucket button cabin camera candle canoe canvas carpet castle cattle cedar chalk cherry chimney "
+    "cider circus clock cloud clover cobalt comet copper coral cotton crayon crystal dagger daisy "
+    "desert diamond dolphin dragon drum eagle easel ember falcon feather fern fiddle flute forest "
+    "fossil garden garlic ginger glacier goblet granite guitar hammer harbor helmet honey island "
+    "ivory jacket jasmine jelly kettle kite ladder lantern lemon lizard magnet mango marble meadow "
+    "mirror mitten needle nickel oasis orchid otter paddle pebble pepper pillow planet pocket "
+    "pumpkin quartz rabbit radar ribbon river rocket saddle salmon shovel silver sparrow spider "
+    "tiger tulip velvet violin walnut willow window zebra"
+).split()
+# kind -> (fact template, question template, possible values)
+KINDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "code": (
+        "The secret code of {entity} is {value}.",
+        "What is the secret code of {entity}?",
+        tuple(str(v) for v in range(100, 1000)),
+    ),
+    "password": ("The password of {entity} is {value}.", "What is the password of {entity}?", tuple(WORDS)),
+}
+INSTRUCTION = "Answer with the value only."
+TEST_SIZE = 200
+
+
+def generate(
+    n: int,
+    seed: int,
+    *,
+    senders: Sequence[str] = ("reader",),
+    kinds: Sequence[str] = tuple(KINDS),
+    exclude: Collection[tuple[str, str]] = (),
+) -> list[Example]:
+    """`n` examples drawn with `seed`; no context states an (entity, value) fact in `exclude`.
+
+    Raises:
+        DataError: `n` is negative, `senders` is empty, repeats a name or outnumbers the cities,
+            a kind is unknown, or `exclude` leaves too few facts to draw from.
+    """
+    if n < 0:
+        raise DataError(f"n must be >= 0, got {n}")
+    if not senders or len(set(senders)) != len(senders) or len(senders) > len(CITIES):
+        raise DataError(f"senders must be 1 to {len(CITIES)} distinct names, got {list(senders)}")
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        raise DataError(f"unknown relay kind(s) {unknown or list(kinds)}; kinds: {sorted(KINDS)}")
+    rng = random.Random(f"relay-{seed}")  # a str seed is hashed stably across runs
+    excluded = set(exclude)
+    examples: list[Example] = []
+    rejected = 0
+    while len(examples) < n:
+        kind = rng.choice(list(kinds))
+        fact, question, values = KINDS[kind]
+        facts = [(entity, rng.choice(values)) for entity in rng.sample(CITIES, len(senders))]
+        if excluded.intersection(facts):
+            rejected += 1
+            if rejected > 10_000 + 100 * n:
+                raise DataError(f"cannot draw {n} relay examples: `exclude` covers almost every fact")
+            continue
+        holders = rng.sample(list(senders), len(senders))  # holders[0] holds the asked fact
+        told = dict(zip(holders, facts, strict=True))
+        entity, value = facts[0]
+        examples.append(
+            Example(
+                question=question.format(entity=entity),
+                answer=value,
+                contexts={name: fact.format(entity=e, value=v) for name, (e, v) in told.items()},
+                meta={"kind": kind, "entity": entity, "holder": holders[0], "facts": facts},
+            )
+        )
+    return examples
+
+
+def split(
+    seed: int, n_train: int, n_test: int, **options: Any
+) -> tuple[list[Example], list[Example]]:
+    """Train and test examples such that no test fact (entity, value) appears in any training context.
+
+    `options` go to `generate` (senders, kinds).
+    """
+    test = generate(n_test, seed, **options)
+    used = {fact for example in test for fact in example.meta["facts"]}
+    return generate(n_train, seed + 1, exclude=used, **options), test
+
+
+_split = split  # Relay.load's `split` argument shadows the function
+
+
+def corpus() -> list[str]:
+    """Text lines holding every word and number the task can produce (to train a tokenizer on)."""
+    lines = [INSTRUCTION]
+    for fact, question, values in KINDS.values():
+        lines += [question.format(entity=entity) for entity in CITIES]
+        lines += [fact.format(entity=CITIES[i % len(CITIES)], value=v) for i, v in enumerate(values)]
+    return lines
+
+
+class Relay(Task):
+    """The relay task: the reply's first word or number must be the asked fact's value."""
+
+    name = "relay"
+    instruction = INSTRUCTION
+
+    def load(
+        self,
+        source: str | Path | None = None,
+        *,
+        config: str | None = None,
+        split: str = "test",
+        limit: int | None = None,
+        fields: dict[str, str] | None = None,
+    ) -> list[Example]:
+        """The seed-0 split's "train" (1000 examples, or `limit`) or "test" (200, or `limit`) half.
+
+        Training facts avoid the first 200 test examples' facts.
+
+        Raises:
+            DataError: a source, config or fields is given (the task is synthetic) or the split is
+                neither "train" nor "test".
+        """
+        if source is not None or config is not None or fields:
+            raise DataError("the relay task is synthetic: it takes no source, config or fields")
+        if split not in ("train", "test"):
+            raise DataError(f"relay split must be 'train' or 'test', got {split!r}")
+        if split == "train":
+            return _split(0, 1000 if limit is None else limit, TEST_SIZE)[0]
+        return _split(0, 0, TEST_SIZE if limit is None else limit)[1]
+
+    def extract(self, text: str) -> str:
+        words = re.findall(r"[A-Za-z0-9]+", text)
+        return words[0] if words else ""
+
+    def score(self, text: str, example: Example) -> bool:
+        return self.extract(text).casefold() == example.answer.casefold()
