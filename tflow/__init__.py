@@ -1,26 +1,39 @@
-"""tflow: weight-space communication for teams of LLM agents."""
+"""tflow: weight-space communication for teams of LLM agents.
 
-from tflow.agents import Receiver, Sender
-from tflow.communicate import CHANNELS, communicate
-from tflow.delta import LoRADelta
-from tflow.hypernetwork import Hypernetwork
-from tflow.patching import patched
-from tflow.reply import AgentUsage, Reply, Usage
-from tflow.spec import ReceiverSpec
+Public names are imported on first use (PEP 562), so `import tflow` and `tflow --help` stay
+fast and torch loads only when something needs it.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CHANNELS",
-    "AgentUsage",
-    "Hypernetwork",
-    "LoRADelta",
-    "Receiver",
-    "ReceiverSpec",
-    "Reply",
-    "Sender",
-    "Usage",
-    "communicate",
-    "patched",
-    "__version__",
-]
+_EXPORTS = {
+    "CHANNELS": "tflow.communicate",
+    "communicate": "tflow.communicate",
+    "AgentUsage": "tflow.reply",
+    "Reply": "tflow.reply",
+    "Usage": "tflow.reply",
+    "Hypernetwork": "tflow.hypernetwork",
+    "LoRADelta": "tflow.delta",
+    "Receiver": "tflow.agents",
+    "Sender": "tflow.agents",
+    "ReceiverSpec": "tflow.spec",
+    "Team": "tflow.team",
+    "load": "tflow.team",
+    "patched": "tflow.patching",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tflow' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

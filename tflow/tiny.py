@@ -100,6 +100,9 @@ def model(tok, *, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kw
 def build(path: str | Path, *, corpus: Iterable[str] | None = None, vocab_size: int = 512,
           seed: int = 0, **config_kwargs) -> Path:
     """Build a tiny model and tokenizer and `save_pretrained` both into `path`; returns `path`."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     path = Path(path)
     tok = tokenizer(corpus, vocab_size)
     lm = model(tok, seed=seed, **config_kwargs)

@@ -1,0 +1,166 @@
+"""The `tflow` command line: parse arguments, call the library, print.
+
+Every command is wrapped in `reports_errors`, so a user mistake (any `TflowError`) ends as
+`error: ...` on stderr and exit code 2, never a traceback. Commands import what they need
+(torch, transformers, lightning) inside their body so `tflow --help` stays instant.
+"""
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+from tflow import __version__
+from tflow.errors import RecipeError, TflowError
+
+app = typer.Typer(
+    name="tflow",
+    help="Weight-space communication for teams of LLM agents.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,  # a bug's traceback must not dump tensors and weights
+)
+
+USAGE_ERROR = 2
+Command = TypeVar("Command", bound=Callable)
+
+
+def error_message(err: TflowError) -> str:
+    """The text the CLI prints for a user mistake: one line, or a header and one line per problem."""
+    if isinstance(err, RecipeError) and len(err.problems) > 1:
+        lines = [f"error: {err.source or 'recipe'}: {len(err.problems)} problems"]
+        return "\n".join(lines + [f"  {problem}" for problem in err.problems])
+    return f"error: {err}"
+
+
+def reports_errors(command: Command) -> Command:
+    """Decorate a command so a `TflowError` prints `error_message` to stderr and exits with 2."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except TflowError as err:
+            typer.echo(error_message(err), err=True)
+            raise typer.Exit(USAGE_ERROR) from None
+
+    return run
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tflow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True,
+                     help="Show the version and exit."),
+    ] = False,
+) -> None:
+    """Weight-space communication for teams of LLM agents: senders talk to a receiver through
+    per-query LoRA deltas."""
+
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="Overrides as key.path=value, e.g. train.max_steps=40 senders.0.role=...",
+                   show_default=False),
+]
+
+
+@app.command()
+@reports_errors
+def validate(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    show: Annotated[bool, typer.Option("--show", help="Print the resolved recipe as YAML.")] = False,
+) -> None:
+    """Check a recipe and its overrides against the schema, without loading any weights.
+
+    Every problem is listed at once, as key.path: message.
+    """
+    from tflow.recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides or ())
+    if show:
+        typer.echo(loaded.to_yaml(), nl=False)
+    n = len(loaded.senders)
+    typer.echo(
+        f"ok: {recipe} ({n} sender{'s' * (n != 1)}, "
+        f"generator {loaded.generator.kind} rank {loaded.generator.rank})"
+    )
+
+
+@app.command()
+@reports_errors
+def train(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from train.out_dir/lightning/last.ckpt.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Train the recipe's parameter generator on Lightning (the backbones stay frozen).
+
+    Writes train.out_dir/generator.safetensors, recipe.yaml, metrics.csv and a resumable
+    Lightning checkpoint.
+    """
+    from tflow.recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides or ())
+    typer.echo(f"training {loaded.generator.kind} generator for {loaded.train.max_steps} steps -> {loaded.train.out_dir}")
+    from tflow.training import train as run
+
+    result = run(loaded, resume=resume, progress=progress)
+    if result.interrupted:
+        again = " ".join(["tflow train", str(recipe), *(overrides or ()), "--resume"])
+        typer.echo(f"interrupted at step {result.global_step}; continue with: {again}", err=True)
+        raise typer.Exit(130)
+    typer.echo(f"done: {result.global_step} steps; generator in {result.out_dir / 'generator.safetensors'}")
+
+
+@app.command()
+@reports_errors
+def ask(
+    recipe: RecipeArg,
+    question: Annotated[str, typer.Argument(help="The question for the receiver.", show_default=False)],
+    checkpoint: Annotated[Path | None, typer.Option(help="Trained generator folder (a train.out_dir).")] = None,
+    channel: Annotated[str, typer.Option(help="none, text or weights.")] = "weights",
+    context: Annotated[list[str] | None, typer.Option(
+        help="A sender's private document for this question, as NAME=TEXT (repeatable).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Recipe override key.path=value (repeatable).")] = None,
+) -> None:
+    """Ask one question and print the receiver's answer and one usage line."""
+    from tflow.errors import ChannelError, QueryError
+
+    if channel == "weights" and checkpoint is None:
+        raise ChannelError("the weights channel needs a trained generator: pass --checkpoint DIR "
+                           "(the train.out_dir of `tflow train`), or use --channel none or text")
+    contexts = {}
+    for item in context or ():
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise QueryError(f"--context needs NAME=TEXT, got {item!r}")
+        contexts[name] = text
+    import tflow
+
+    team = tflow.load(recipe, checkpoint, overrides or ())
+    unknown = sorted(set(contexts) - {s.name for s in team.senders})
+    if unknown:
+        raise QueryError(f"--context names unknown sender(s) {unknown}; senders: {[s.name for s in team.senders]}")
+    reply = team.communicate(question, channel=channel, contexts=[contexts] if contexts else None)
+    typer.echo(reply.text)
+    u = reply.usage
+    stages = " ".join(f"{k} {v:.3f}s" for k, v in reply.timings.items())
+    typer.echo(f"[{reply.channel}] tokens {u.total_tokens} (prompt {u.prompt_tokens}, generated "
+               f"{u.generated_tokens}) · {stages}", err=True)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,84 @@
+"""Training data: a recipe's examples split into train and validation, and teacher-forced batches."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from torch import Tensor
+
+from tflow.encoding import pad_batch, token_ids
+from tflow.errors import DataError
+from tflow.recipe import RelaySection
+from tflow.tasks import Example, Task, get, relay
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Train and validation examples with the task that prompts and scores them."""
+
+    train: list[Example]
+    val: list[Example]
+    task: Task
+
+
+def load_splits(recipe) -> Splits:
+    """The recipe's training and validation examples, per-sender contexts attached.
+
+    Raises:
+        DataError: no data section, an unloadable source, or a missing field.
+    """
+    data = recipe.data
+    if data is None:
+        raise DataError("the recipe has no data section; set data.task or data.source")
+    if data.task == "relay":
+        settings = data.relay or RelaySection()
+        train, val = relay.split(settings.seed, settings.n_train, settings.n_test,
+                                 senders=[s.name for s in recipe.senders])
+        return Splits(train[: data.limit], val[: data.limit], get("relay"))
+    task = get(data.task) if data.task else Task()
+    fields = {"question": data.fields.question, "answer": data.fields.answer}
+    train = task.load(data.source, config=data.config, split=data.split, fields=fields)
+    if data.val_split:
+        val = task.load(data.source, config=data.config, split=data.val_split, fields=fields)
+    else:
+        train = train[:]
+        random.Random(recipe.seed).shuffle(train)
+        cut = max(1, round(len(train) * data.val_fraction))
+        if cut >= len(train):
+            raise DataError(f"data: {len(train)} examples are too few to hold out a validation split")
+        train, val = train[cut:], train[:cut]
+    contexts = data.fields.context
+    return Splits(_with_contexts(train[: data.limit], contexts), _with_contexts(val[: data.limit], contexts), task)
+
+
+def _with_contexts(examples: list[Example], columns: dict[str, str]) -> list[Example]:
+    if not columns:
+        return examples
+    out = []
+    for ex in examples:
+        missing = [c for c in columns.values() if c not in ex.meta]
+        if missing:
+            raise DataError(f"data.fields.context: column(s) {missing} not in the dataset; columns: {sorted(ex.meta)}")
+        out.append(replace(ex, contexts={name: str(ex.meta[col]) for name, col in columns.items()}))
+    return out
+
+
+def target_text(example: Example, answer_column: str) -> str:
+    """What the receiver learns to write: the raw answer column (a worked solution) if kept, else the gold."""
+    return str(example.meta.get(answer_column, example.answer))
+
+
+def teacher_forced(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_length: int,
+                   device=None) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded prompt + target + EOS; labels are -100 except on target tokens and EOS.
+
+    Returns ids [N, T], attention mask [N, T] and labels [N, T].
+    """
+    seqs, labels = [], []
+    for p, t in zip(token_ids(tokenizer, prompts), token_ids(tokenizer, targets)):
+        seqs.append((p + t + [tokenizer.eos_token_id])[:max_length])
+        labels.append(([-100] * len(p) + t + [tokenizer.eos_token_id])[:max_length])
+    ids, mask = pad_batch(seqs, tokenizer.pad_token_id, "right", device)
+    return ids, mask.long(), pad_batch(labels, -100, "right", device)[0]

@@ -1,0 +1,58 @@
+"""Loading frozen backbones: hub id or local folder, through from_pretrained; tiny ones built on demand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tflow.errors import ModelLoadError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ModelLoadError(f"model.device: unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model.device is {name!r} but no CUDA device is available; use auto or cpu")
+    return device
+
+
+def load_backbone(section):
+    """(model, tokenizer) for a recipe `model` section: frozen, eval mode, on its device.
+
+    Raises:
+        ModelLoadError: the path is neither a loadable folder nor a cached hub id, or the
+            tokenizer has no chat template.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = section.path
+    if section.tiny is not None and not Path(path).exists():
+        from tflow import tiny
+
+        options = section.tiny.model_dump()
+        tiny.build(path, vocab_size=options.pop("vocab_size"), seed=options.pop("seed"), **options)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[section.dtype])
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"model.path: cannot load {path!r} ({first}); give a local folder with config.json and "
+            "weights, or a hub id already in the local cache (downloads are off)"
+        ) from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(f"model.path: the tokenizer of {path!r} has no chat template; use a chat/instruct model")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.requires_grad_(False).eval()
+    return model.to(resolve_device(section.device)), tokenizer

@@ -1,0 +1,74 @@
+"""tflow.load: a recipe (and optionally a trained checkpoint) -> a ready Team of agents."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tflow.agents import Receiver, Sender
+from tflow.communicate import communicate
+from tflow.hypernetwork import Hypernetwork
+from tflow.models import load_backbone
+from tflow.reply import Reply
+from tflow.spec import ReceiverSpec
+
+
+@dataclass(eq=False)
+class Team:
+    """Senders and a receiver (with its generator) built from one recipe."""
+
+    senders: list[Sender]
+    receiver: Receiver
+    recipe: object
+
+    def communicate(self, query: str | Sequence[str], channel: str = "weights", **generation) -> Reply | list[Reply]:
+        """tflow.communicate with the recipe's `generate` settings as defaults."""
+        settings = {**self.recipe.generate.model_dump(), **generation}
+        return communicate(self.senders, self.receiver, query, channel=channel, **settings)
+
+
+def load(recipe: str | Path | Mapping, checkpoint: str | Path | None = None, overrides: Sequence[str] = ()) -> Team:
+    """Build the team of a recipe; with `checkpoint`, load its trained generator (checked first).
+
+    Without a checkpoint the generator is fresh: its B heads are zero, an exact no-op.
+    A backbone shared by several agents is loaded once.
+
+    Raises:
+        RecipeError, ModelLoadError, TargetError, CheckpointError.
+    """
+    from tflow import checkpoint as ckpt
+    from tflow.recipe import Recipe, load_recipe
+
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    if checkpoint is not None:
+        ckpt.locate(checkpoint)  # fail before loading any weights
+    cache: dict[str, tuple] = {}
+
+    def backbone(section):
+        section = section or recipe.model
+        key = section.model_dump_json()
+        if key not in cache:
+            cache[key] = load_backbone(section)
+        return cache[key]
+
+    senders = []
+    for s in recipe.senders:
+        model, tokenizer = backbone(s.model)
+        senders.append(Sender(model, tokenizer, s.role, s.name, s.context))
+    model, tokenizer = backbone(recipe.receiver.model)
+    receiver = Receiver(model, tokenizer, recipe.receiver.system_prompt, name=recipe.receiver.name)
+    receiver.generator = build_hypernetwork(recipe, senders, receiver)
+    if checkpoint is not None:
+        ckpt.load_into(receiver.generator, checkpoint)
+    return Team(senders, receiver, recipe)
+
+
+def build_hypernetwork(recipe, senders: Sequence[Sender], receiver: Receiver) -> Hypernetwork:
+    """A fresh hypernetwork for the recipe's generator, on the receiver's device."""
+    g = recipe.generator
+    spec = ReceiverSpec.from_model(receiver.model, g.targets, g.layers)
+    config = senders[0].model.config
+    hypernet = Hypernetwork(spec, g.model_dump(exclude={"targets", "layers", "max_delta_norm"}), len(senders), config.num_hidden_layers + 1,
+                            config.hidden_size, recipe.fusion.gate_init)
+    return hypernet.to(next(receiver.model.parameters()).device)

@@ -1,0 +1,227 @@
+"""Generator training on Lightning: frozen senders and receiver, a trainable hypernetwork.
+
+The loss is the receiver's teacher-forced cross-entropy on answer tokens with the generated
+delta in its slot. The delta stays attached from the forward until after backward, because
+gradient checkpointing re-runs the receiver's forward inside backward.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from tflow import checkpoint
+from tflow.data import Splits, load_splits, target_text, teacher_forced
+from tflow.encoding import encode
+from tflow.errors import CheckpointError
+from tflow.io import atomic_write, atomic_write_text
+from tflow.patching import attach, detach, patched
+from tflow.team import Team, load
+
+LIGHTNING_DIR = "lightning"
+
+
+class GeneratorModule(L.LightningModule):
+    """Holds the team; only `hypernet` (generator, layer aggregation, fusion gates) is trained."""
+
+    def __init__(self, team: Team, splits: Splits):
+        super().__init__()
+        self.hypernet = team.receiver.generator
+        self._team = (team,)  # a tuple keeps the frozen backbones out of state_dict and DDP
+        self.task = splits.task
+
+    @property
+    def team(self) -> Team:
+        return self._team[0]
+
+    def on_fit_start(self) -> None:
+        models = {id(a.model): a.model for a in [*self.team.senders, self.team.receiver]}
+        for model in models.values():
+            model.to(self.device)
+        receiver = self.team.receiver.model
+        if self.team.recipe.train.gradient_checkpointing:
+            receiver.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            receiver.train()  # HF checkpoints only in training mode; the backbones have no dropout on
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # a list of Examples (text); tensors are made on the device in each step
+
+    def _delta_and_batch(self, examples):
+        team, recipe = self.team, self.team.recipe
+        queries = [self.task.prompt(ex) for ex in examples]
+        contexts = [[ex.contexts.get(s.name) for ex in examples] for s in team.senders]
+        delta = self.hypernet(encode(team.senders, queries, contexts))
+        prompts = [team.receiver.prompt(q) for q in queries]
+        targets = [target_text(ex, recipe.data.fields.answer) for ex in examples]
+        ids, mask, labels = teacher_forced(team.receiver.tokenizer, prompts, targets, recipe.train.max_length, self.device)
+        return delta, dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+    def training_step(self, examples, batch_idx):
+        receiver = self.team.receiver.model
+        detach(receiver)  # a step that failed before its backward leaves nothing behind
+        delta, batch = self._delta_and_batch(examples)
+        attach(receiver, delta, validate=False)
+        loss = receiver(**batch).loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(examples))
+        return loss
+
+    def on_after_backward(self) -> None:
+        detach(self.team.receiver.model)
+
+    def on_train_end(self) -> None:
+        detach(self.team.receiver.model)
+
+    def validation_step(self, examples, batch_idx):
+        delta, batch = self._delta_and_batch(examples)
+        with patched(self.team.receiver.model, delta, validate=False):
+            loss = self.team.receiver.model(**batch).loss
+        self.log("val_loss", loss, prog_bar=True, batch_size=len(examples), sync_dist=True)
+
+    def configure_optimizers(self):
+        train = self.team.recipe.train
+        opt = torch.optim.AdamW(self.hypernet.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+
+        def factor(step: int) -> float:  # linear warmup, then cosine decay to 10% of the peak
+            if step < train.warmup_steps:
+                return (step + 1) / (train.warmup_steps + 1)
+            progress = min(1.0, (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class SaveGenerator(L.Callback):
+    """Writes generator.safetensors (atomically) after every validation and at the end."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+
+    def _save(self, trainer, module) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            checkpoint.save(module.hypernet, self.out_dir, module.team.recipe)
+
+    def on_validation_end(self, trainer, module) -> None:
+        if trainer.state.fn == "fit":
+            self._save(trainer, module)
+
+    def on_train_end(self, trainer, module) -> None:
+        self._save(trainer, module)
+
+
+class AtomicCheckpointIO(L.pytorch.plugins.io.TorchCheckpointIO):
+    """Lightning's resumable checkpoint, written to a temp file and renamed into place."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the run wrote, how far it got, and the team holding the trained generator."""
+
+    out_dir: Path
+    global_step: int
+    interrupted: bool
+    team: Team
+
+
+def train(recipe, *, resume: bool = False, progress: bool = True, callbacks=()) -> TrainResult:
+    """Train the recipe's generator; checkpoints go to `train.out_dir`.
+
+    With `resume`, continue from `train.out_dir/lightning/last.ckpt` (loaded weights-only).
+
+    Raises:
+        RecipeError, DataError, ModelLoadError, CheckpointError (resume without a checkpoint).
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cfg = recipe.train
+    out_dir = Path(cfg.out_dir)
+    last = out_dir / LIGHTNING_DIR / "last.ckpt"
+    if resume and not last.is_file():
+        raise CheckpointError(f"--resume: {last} does not exist; start without --resume or check train.out_dir")
+    L.seed_everything(recipe.seed, verbose=False)
+    team = load(recipe)
+    splits = load_splits(recipe)
+    module = GeneratorModule(team, splits)
+    shuffle = torch.Generator().manual_seed(recipe.seed)
+    train_loader = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=True, collate_fn=list,
+                              num_workers=cfg.num_workers, generator=shuffle)
+    val_loader = DataLoader(splits.val, batch_size=cfg.batch_size, collate_fn=list, num_workers=cfg.num_workers)
+    trainer = L.Trainer(
+        max_steps=cfg.max_steps,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
+        precision=cfg.precision,
+        accumulate_grad_batches=cfg.accumulate,
+        gradient_clip_val=cfg.grad_clip,
+        val_check_interval=cfg.val_every * cfg.accumulate,
+        check_val_every_n_epoch=None,
+        log_every_n_steps=cfg.log_every,
+        logger=_logger(cfg, out_dir),
+        callbacks=[
+            SaveGenerator(out_dir),
+            ModelCheckpoint(dirpath=out_dir / LIGHTNING_DIR, save_last=True, save_top_k=0,
+                            every_n_train_steps=cfg.val_every),
+            *callbacks,
+        ],
+        plugins=[AtomicCheckpointIO()],
+        num_sanity_val_steps=0,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        default_root_dir=out_dir,
+    )
+    if not resume:
+        trainer.validate(module, val_loader, verbose=False)  # val_loss before training, at step 0
+    metrics = out_dir / "metrics.csv"
+    backup = out_dir / "metrics.before-resume.csv"
+    if resume and metrics.is_file():
+        shutil.copyfile(metrics, backup)  # Lightning's CSV writer deletes the file it resumes into
+    try:
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True)
+    except SystemExit:
+        # Lightning turns Ctrl-C into a graceful teardown and then exits; a library returns instead.
+        if not trainer.interrupted:
+            raise
+    if backup.is_file() and trainer.is_global_zero:
+        _merge_metrics(backup, metrics)
+    return TrainResult(out_dir, trainer.global_step, trainer.interrupted, team)
+
+
+def _merge_metrics(earlier: Path, later: Path) -> None:
+    """Put the rows of an earlier run before a resumed run's rows (those it redid are dropped)."""
+    old, new = (list(csv.DictReader(p.open())) if p.is_file() else [] for p in (earlier, later))
+    start = min((int(r["step"]) for r in new), default=None)
+    rows = [r for r in old if start is None or int(r["step"]) < start] + new
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(later, buffer.getvalue())
+    earlier.unlink()
+
+
+def _logger(cfg, out_dir: Path):
+    if cfg.logger == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(out_dir, name="", version="")
+    if cfg.logger == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        return WandbLogger(save_dir=out_dir)
+    from lightning.pytorch.loggers import CSVLogger
+
+    return CSVLogger(out_dir, name="", version="")
