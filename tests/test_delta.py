@@ -60,7 +60,7 @@ def test_save_load_roundtrip_gives_same_logits(qwen, tok, tmp_path):
     back = LoRADelta.load(tmp_path / "d.safetensors")
     assert back.scale == 0.25 and back.factors.keys() == delta.factors.keys()
     for name in delta.factors:
-        assert all(torch.equal(x, y) for x, y in zip(delta.factors[name], back.factors[name]))
+        assert all(torch.equal(x, y) for x, y in zip(delta.factors[name], back.factors[name], strict=True))
     ids = tok(["hello there", "hi"], return_tensors="pt", padding=True)
     with patched(qwen, delta), torch.no_grad():
         first = qwen(**ids).logits

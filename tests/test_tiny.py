@@ -25,4 +25,4 @@ def test_build_saves_a_folder_that_from_pretrained_loads(tmp_path):
 
 def test_same_seed_same_weights(tok):
     a, b = tiny.model(tok, seed=7), tiny.model(tok, seed=7)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))

@@ -88,12 +88,15 @@ def _first_difference(saved, current, where: str = "") -> str | None:
                 return found
         return None
     if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
-        for i, (a, b) in enumerate(zip(saved, current)):
+        for i, (a, b) in enumerate(zip(saved, current, strict=True)):
             found = _first_difference(a, b, f"{where}[{i}]")
             if found:
                 return found
         return None
     if saved != current:
-        show = (lambda v: f"{len(v)} entries" if isinstance(v, list) else repr(v))
-        return f"{where}: checkpoint has {show(saved)}, this receiver has {show(current)}"
+        return f"{where}: checkpoint has {_show(saved)}, this receiver has {_show(current)}"
     return None
+
+
+def _show(value) -> str:
+    return f"{len(value)} entries" if isinstance(value, list) else repr(value)

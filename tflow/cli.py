@@ -162,5 +162,58 @@ def ask(
                f"{u.generated_tokens}) · {stages}", err=True)
 
 
+@app.command("eval")
+@reports_errors
+def eval_(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Trained generator folder (a train.out_dir); the weights channel needs one.")] = None,
+    channels: Annotated[str, typer.Option(help="Comma-separated channels to compare: none, text, weights.")]
+    = "none,text,weights",
+    task: Annotated[str | None, typer.Option(help="Task to evaluate [default: the recipe's data.task].")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N examples.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for report.json, report.md, report.png, predictions.jsonl.")]
+    = Path("runs/eval"),
+    split: Annotated[str, typer.Option(help="Dataset split (relay always uses its held-out test split).")] = "test",
+    batch_size: Annotated[int, typer.Option(min=1, help="Queries per batched call.")] = 8,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Compare channels on a task under one cost ledger and write a report to --out.
+
+    Prints the table: accuracy, processed tokens and time of each channel, with ratios against text
+    and none.
+    """
+    from tflow.errors import ChannelError, DataError
+    from tflow.evaluate import parse_channels
+
+    names = parse_channels(channels)
+    if "weights" in names and checkpoint is None:
+        raise ChannelError("the weights channel needs a trained generator: pass --checkpoint DIR "
+                           "(the train.out_dir of `tflow train`), or leave weights out of --channels")
+    from tflow import tasks
+    from tflow.io import writable_dir
+    from tflow.recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides or ())
+    name = task or (loaded.data.task if loaded.data else None)
+    if name is None:
+        raise DataError("no task to evaluate: pass --task NAME or set data.task in the recipe")
+    chosen = tasks.get(name)
+    out = writable_dir(out)
+    import tflow
+    from tflow.data import eval_examples
+    from tflow.evaluate import evaluate
+    from tflow.report import REPORT_FILES, render_table, write_report
+
+    examples = eval_examples(loaded, chosen, split, limit)
+    team = tflow.load(loaded, checkpoint)
+    typer.echo(f"evaluating {', '.join(names)} on {len(examples)} {name} examples -> {out}")
+    result = evaluate(team, chosen, examples, names, batch_size=batch_size, progress=progress)
+    typer.echo(render_table(write_report(result, out)))
+    for file in REPORT_FILES:
+        typer.echo(f"wrote {out / file}")
+
+
 if __name__ == "__main__":
     app()

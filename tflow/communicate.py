@@ -18,7 +18,7 @@ import torch
 from tflow.agents import Receiver, Sender
 from tflow.encoding import encode, token_ids
 from tflow.errors import ChannelError, QueryError
-from tflow.generation import GenerationSettings, generate
+from tflow.generation import GenerationSettings, generate, kv_cache_bytes
 from tflow.patching import patched
 from tflow.reply import AgentUsage, Reply, Usage
 
@@ -68,56 +68,62 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
 
 
 def _none(senders, receiver, queries, settings, names, message_tokens, contexts):
-    clock = _Clock()
-    out = generate(receiver.model, receiver.tokenizer, [receiver.prompt(q) for q in queries], settings)
-    timings = {"receiver": clock.lap()}
+    stages = _Stages(senders, receiver)
+    with stages("receiver"):
+        out = generate(receiver.model, receiver.tokenizer, [receiver.prompt(q) for q in queries], settings)
     return [
-        Reply(text, "none", Usage({receiver.name: AgentUsage(p, g)}), timings)
-        for text, p, g in zip(out.texts, out.prompt_tokens, out.generated_tokens)
+        Reply(text, "none", Usage({receiver.name: _usage(receiver, p, g)}), **stages.measured)
+        for text, p, g in zip(out.texts, out.prompt_tokens, out.generated_tokens, strict=True)
     ]
 
 
 def _weights(senders, receiver, queries, settings, names, message_tokens, contexts):
-    clock = _Clock()
-    states = encode(senders, queries, contexts)
-    timings = {"senders": clock.lap()}
-    with torch.no_grad():
+    stages = _Stages(senders, receiver)
+    with stages("senders"):
+        states = encode(senders, queries, contexts)
+    with stages("generator"), torch.no_grad():
         delta = receiver.generator(states)
-    timings["generator"] = clock.lap()
-    with patched(receiver.model, delta):
+    with stages("receiver"), patched(receiver.model, delta):
         out = generate(receiver.model, receiver.tokenizer, [receiver.prompt(q) for q in queries], settings)
-    timings["receiver"] = clock.lap()
     per_row_bytes = delta.num_bytes // delta.batch_size
     replies = []
     for q, text in enumerate(out.texts):
-        ledger = {names[s]: AgentUsage(int(states.prompt_tokens[s * len(queries) + q])) for s in range(len(senders))}
-        ledger[receiver.name] = AgentUsage(out.prompt_tokens[q], out.generated_tokens[q])
-        replies.append(Reply(text, "weights", Usage(ledger), timings, per_row_bytes))
+        ledger = {names[s]: _usage(sender, int(states.prompt_tokens[s * len(queries) + q]), 0)
+                  for s, sender in enumerate(senders)}
+        ledger[receiver.name] = _usage(receiver, out.prompt_tokens[q], out.generated_tokens[q])
+        replies.append(Reply(text, "weights", Usage(ledger), message_bytes=per_row_bytes, **stages.measured))
     return replies
 
 
 def _text(senders, receiver, queries, settings, names, message_tokens, contexts):
-    clock = _Clock()
+    stages = _Stages(senders, receiver)
     messages: list[dict[str, str]] = [{} for _ in queries]
     ledgers: list[dict[str, AgentUsage]] = [{} for _ in queries]
-    for s, sender in enumerate(senders):
-        prompts = [sender.prompt(text_turn(q, m), contexts[s][i] if contexts else None)
-                   for i, (q, m) in enumerate(zip(queries, messages))]
-        out = generate(sender.model, sender.tokenizer, prompts, settings, max_new_tokens=message_tokens)
-        for q, text in enumerate(out.texts):
-            messages[q][names[s]] = text
-            ledgers[q][names[s]] = AgentUsage(out.prompt_tokens[q], out.generated_tokens[q])
-    timings = {"senders": clock.lap()}
-    prompts = [receiver.prompt(text_turn(q, m)) for q, m in zip(queries, messages)]
-    out = generate(receiver.model, receiver.tokenizer, prompts, settings)
-    timings["receiver"] = clock.lap()
+    with stages("senders"):
+        for s, sender in enumerate(senders):
+            prompts = [sender.prompt(text_turn(q, m), contexts[s][i] if contexts else None)
+                       for i, (q, m) in enumerate(zip(queries, messages, strict=True))]
+            out = generate(sender.model, sender.tokenizer, prompts, settings, max_new_tokens=message_tokens)
+            for q, text in enumerate(out.texts):
+                messages[q][names[s]] = text
+                ledgers[q][names[s]] = _usage(sender, out.prompt_tokens[q], out.generated_tokens[q])
+    with stages("receiver"):
+        prompts = [receiver.prompt(text_turn(q, m)) for q, m in zip(queries, messages, strict=True)]
+        out = generate(receiver.model, receiver.tokenizer, prompts, settings)
     replies = []
     for q, text in enumerate(out.texts):
-        ledgers[q][receiver.name] = AgentUsage(out.prompt_tokens[q], out.generated_tokens[q])
+        ledgers[q][receiver.name] = _usage(receiver, out.prompt_tokens[q], out.generated_tokens[q])
         sent = sum(len(ids) for ids in token_ids(receiver.tokenizer, list(messages[q].values()))) if messages[q] else 0
         nbytes = sent * _token_id_bytes(receiver.tokenizer)
-        replies.append(Reply(text, "text", Usage(ledgers[q]), timings, nbytes, dict(messages[q])))
+        replies.append(Reply(text, "text", Usage(ledgers[q]), message_bytes=nbytes, messages=dict(messages[q]),
+                             **stages.measured))
     return replies
+
+
+def _usage(agent: Sender | Receiver, prompt_tokens: int, generated_tokens: int) -> AgentUsage:
+    """One agent's ledger entry, its KV-cache bytes computed from its model's config."""
+    cache = kv_cache_bytes(agent.model, prompt_tokens + generated_tokens)
+    return AgentUsage(prompt_tokens, generated_tokens, cache)
 
 
 def text_turn(query: str, messages: dict[str, str]) -> str:
@@ -152,15 +158,35 @@ def _exclusive(models):
         yield
 
 
-class _Clock:
-    """Wall-clock laps that wait for queued CUDA work, so a stage is charged its own kernels."""
+class _Stages:
+    """Per-stage wall seconds and peak CUDA memory of one call, as `with stages("receiver"): ...`.
 
-    def __init__(self):
-        self._last = time.perf_counter()
+    Waits for queued CUDA work at both ends, so a stage is charged its own kernels; memory is the
+    peak allocated above the stage's start, summed over the agents' CUDA devices (None without any).
+    Each stage resets those devices' peak statistics (torch.cuda.reset_peak_memory_stats).
+    """
 
-    def lap(self) -> float:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        seconds, self._last = now - self._last, now
-        return seconds
+    def __init__(self, senders: Sequence[Sender], receiver: Receiver):
+        devices = {next(agent.model.parameters()).device for agent in [*senders, receiver]}
+        self._cuda = sorted((d for d in devices if d.type == "cuda"), key=str)
+        self.seconds: dict[str, float] = {}
+        self.peak_memory_bytes: dict[str, int | None] = {}
+
+    @property
+    def measured(self) -> dict:
+        """The Reply fields this recorder fills."""
+        return {"timings": self.seconds, "peak_memory_bytes": self.peak_memory_bytes}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        for device in self._cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = {device: torch.cuda.memory_allocated(device) for device in self._cuda}
+        began = time.perf_counter()
+        yield
+        for device in self._cuda:
+            torch.cuda.synchronize(device)
+        self.seconds[stage] = time.perf_counter() - began
+        peaks = [torch.cuda.max_memory_allocated(device) - start[device] for device in self._cuda]
+        self.peak_memory_bytes[stage] = sum(peaks) if peaks else None

@@ -33,9 +33,7 @@ def load_splits(recipe) -> Splits:
     if data is None:
         raise DataError("the recipe has no data section; set data.task or data.source")
     if data.task == "relay":
-        settings = data.relay or RelaySection()
-        train, val = relay.split(settings.seed, settings.n_train, settings.n_test,
-                                 senders=[s.name for s in recipe.senders])
+        train, val = relay_splits(recipe)
         return Splits(train[: data.limit], val[: data.limit], get("relay"))
     task = get(data.task) if data.task else Task()
     fields = {"question": data.fields.question, "answer": data.fields.answer}
@@ -53,6 +51,35 @@ def load_splits(recipe) -> Splits:
     return Splits(_with_contexts(train[: data.limit], contexts), _with_contexts(val[: data.limit], contexts), task)
 
 
+def relay_splits(recipe) -> tuple[list[Example], list[Example]]:
+    """Relay train and held-out test examples for the recipe's `data.relay` settings and sender names."""
+    settings = (recipe.data.relay if recipe.data else None) or RelaySection()
+    return relay.split(settings.seed, settings.n_train, settings.n_test, senders=[s.name for s in recipe.senders])
+
+
+def eval_examples(recipe, task: Task, split: str = "test", limit: int | None = None) -> list[Example]:
+    """The first `limit` examples to evaluate `task` on: relay's held-out test split, else `split`.
+
+    Where the recipe's data section is for `task`, its source, config, fields and contexts apply;
+    otherwise the task's default source.
+
+    Raises:
+        DataError: a negative limit, relay with a split other than "test", or an unloadable source.
+    """
+    if limit is not None and limit < 0:
+        raise DataError(f"limit must be >= 0, got {limit}")
+    if task.name == "relay":
+        if split != "test":
+            raise DataError(f"the relay task is evaluated on its held-out test split, got split {split!r}")
+        return relay_splits(recipe)[1][:limit]
+    data = recipe.data if recipe.data is not None and recipe.data.task == task.name else None
+    if data is None:
+        return task.load(split=split, limit=limit)
+    fields = {"question": data.fields.question, "answer": data.fields.answer}
+    examples = task.load(data.source, config=data.config, split=split, limit=limit, fields=fields)
+    return _with_contexts(examples, data.fields.context)
+
+
 def _with_contexts(examples: list[Example], columns: dict[str, str]) -> list[Example]:
     if not columns:
         return examples
@@ -65,11 +92,6 @@ def _with_contexts(examples: list[Example], columns: dict[str, str]) -> list[Exa
     return out
 
 
-def target_text(example: Example, answer_column: str) -> str:
-    """What the receiver learns to write: the raw answer column (a worked solution) if kept, else the gold."""
-    return str(example.meta.get(answer_column, example.answer))
-
-
 def teacher_forced(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_length: int,
                    device=None) -> tuple[Tensor, Tensor, Tensor]:
     """Right-padded prompt + target + EOS; labels are -100 except on target tokens and EOS.
@@ -77,7 +99,7 @@ def teacher_forced(tokenizer, prompts: Sequence[str], targets: Sequence[str], ma
     Returns ids [N, T], attention mask [N, T] and labels [N, T].
     """
     seqs, labels = [], []
-    for p, t in zip(token_ids(tokenizer, prompts), token_ids(tokenizer, targets)):
+    for p, t in zip(token_ids(tokenizer, prompts), token_ids(tokenizer, targets), strict=True):
         seqs.append((p + t + [tokenizer.eos_token_id])[:max_length])
         labels.append(([-100] * len(p) + t + [tokenizer.eos_token_id])[:max_length])
     ids, mask = pad_batch(seqs, tokenizer.pad_token_id, "right", device)

@@ -123,7 +123,7 @@ class LoRADelta:
         factors = {}
         for name in names:
             a_parts, b_parts = [], []
-            for delta, weight in zip(deltas, weights):
+            for delta, weight in zip(deltas, weights, strict=True):
                 if name not in delta.factors:
                     continue
                 a, b = delta.factors[name]

@@ -45,3 +45,7 @@ class DataError(TflowError, ValueError):
 
 class ChannelError(TflowError, ValueError):
     """A channel that does not exist, or one the team cannot run (weights without a generator)."""
+
+
+class OutputError(TflowError, OSError):
+    """An output folder that cannot be created or written."""

@@ -51,6 +51,18 @@ def context_length(model: nn.Module) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
+def kv_cache_bytes(model: nn.Module, tokens: int) -> int:
+    """Bytes the keys and values of `tokens` positions take in `model`'s cache, from its config.
+
+    2 (K and V) * layers * kv_heads * head_dim * bytes per element of the model's dtype * tokens.
+    """
+    config = model.config
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = next(model.parameters()).dtype.itemsize
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize * tokens
+
+
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str], settings: GenerationSettings,
              max_new_tokens: int | None = None) -> Generated:
     """Left-padded batched generate(); counts stop at each row's first EOS.
@@ -75,7 +87,7 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], settings: Gene
                              eos_token_id=eos, **settings.kwargs(budget))
     new = out[:, ids.shape[1]:]
     counts = [_through_first_eos(row, eos) for row in new]
-    texts = [tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(new, counts)]
+    texts = [tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(new, counts, strict=True)]
     return Generated(texts, [len(s) for s in seqs], counts)
 
 

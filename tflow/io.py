@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from tflow.errors import CheckpointError
+from tflow.errors import CheckpointError, OutputError
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -24,11 +24,28 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a report or checkpoint is meant to be shared
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def writable_dir(path: str | Path) -> Path:
+    """`path` as a folder that exists and takes new files (created if missing).
+
+    Raises:
+        OutputError: it cannot be created (a file is in the way) or written.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise OutputError(f"cannot write to {path}: {err.strerror or err}") from None
+    return path
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

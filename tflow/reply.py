@@ -1,4 +1,4 @@
-"""What a call returns: the answer, the token ledger of every agent, and per-stage seconds."""
+"""What a call returns: the answer, the cost ledger of every agent, and per-stage seconds and memory."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class AgentUsage:
-    """Tokens one agent processed: prompt tokens (no padding) and generated tokens (through EOS)."""
+    """What one agent processed: prompt tokens (no padding), generated tokens (through EOS) and
+    the bytes their keys and values take in its KV cache."""
 
     prompt_tokens: int
     generated_tokens: int = 0
+    kv_cache_bytes: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -19,7 +21,7 @@ class AgentUsage:
 
 @dataclass(frozen=True)
 class Usage:
-    """Token ledger over all agents of one query, sender prefill included."""
+    """Cost ledger over all agents of one query, sender prefill included."""
 
     by_agent: dict[str, AgentUsage]
 
@@ -35,14 +37,20 @@ class Usage:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.generated_tokens
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(u.kv_cache_bytes for u in self.by_agent.values())
+
 
 @dataclass(frozen=True)
 class Reply:
     """The receiver's answer to one query.
 
     `timings` holds wall seconds per stage (senders, generator, receiver) of the call that produced
-    the reply; the queries of one batched call share them. `message_bytes` is what crossed from the
-    senders to the receiver: the delta's bytes (weights) or the message tokens' bytes (text).
+    the reply and `peak_memory_bytes` the peak CUDA memory each stage allocated above what was
+    allocated when it began (None per stage when no agent runs on CUDA); the queries of one batched
+    call share both. `message_bytes` is what crossed from the senders to the receiver for this
+    query: its delta's bytes (weights) or its message tokens' bytes (text).
     """
 
     text: str
@@ -51,3 +59,4 @@ class Reply:
     timings: dict[str, float] = field(default_factory=dict)
     message_bytes: int = 0
     messages: dict[str, str] = field(default_factory=dict)
+    peak_memory_bytes: dict[str, int | None] = field(default_factory=dict)

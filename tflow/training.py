@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tflow import checkpoint
-from tflow.data import Splits, load_splits, target_text, teacher_forced
+from tflow.data import Splits, load_splits, teacher_forced
 from tflow.encoding import encode
 from tflow.errors import CheckpointError
 from tflow.io import atomic_write, atomic_write_text
@@ -60,7 +60,7 @@ class GeneratorModule(L.LightningModule):
         contexts = [[ex.contexts.get(s.name) for ex in examples] for s in team.senders]
         delta = self.hypernet(encode(team.senders, queries, contexts))
         prompts = [team.receiver.prompt(q) for q in queries]
-        targets = [target_text(ex, recipe.data.fields.answer) for ex in examples]
+        targets = [self.task.target(ex, recipe.data.fields.answer) for ex in examples]
         ids, mask, labels = teacher_forced(team.receiver.tokenizer, prompts, targets, recipe.train.max_length, self.device)
         return delta, dict(input_ids=ids, attention_mask=mask, labels=labels)
 

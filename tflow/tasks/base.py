@@ -90,6 +90,10 @@ class Task:
         """The gold final answer from the raw answer field."""
         return str(raw).strip()
 
+    def target(self, example: Example, answer_column: str = "answer") -> str:
+        """What a receiver learns to write: the raw answer column (a worked solution) if kept, else the gold."""
+        return str(example.meta.get(answer_column, example.answer))
+
     def prompt(self, example: Example) -> str:
         """The user message asking `example`'s question."""
         return f"{example.question.strip()}\n\n{self.instruction}"
