@@ -156,6 +156,8 @@ def ask(
         raise QueryError(f"--context names unknown sender(s) {unknown}; senders: {[s.name for s in team.senders]}")
     reply = team.communicate(question, channel=channel, contexts=[contexts] if contexts else None)
     typer.echo(reply.text)
+    for warning in reply.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     u = reply.usage
     stages = " ".join(f"{k} {v:.3f}s" for k, v in reply.timings.items())
     typer.echo(f"[{reply.channel}] tokens {u.total_tokens} (prompt {u.prompt_tokens}, generated "
@@ -213,6 +215,31 @@ def eval_(
     typer.echo(render_table(write_report(result, out)))
     for file in REPORT_FILES:
         typer.echo(f"wrote {out / file}")
+
+
+@app.command()
+@reports_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the model, the generator and the report.")] = Path("runs/demo"),
+    pretrain_steps: Annotated[int, typer.Option(min=1, help="Backbone pretraining steps.")] = 800,
+    train_steps: Annotated[int | None, typer.Option(min=1, help="Generator steps [default: the recipe's].")] = None,
+    eval_limit: Annotated[int | None, typer.Option(min=1, help="Held-out facts to evaluate [default: all].")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads for torch.")] = 1,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """The embedded default: weight-space communication shown end to end, offline, on CPU.
+
+    Builds a tiny model, pretrains it on the relay format, trains a generator, and compares the
+    none, text and weights channels on held-out facts (report files as `tflow eval` writes them).
+    """
+    import torch
+
+    from tflow.demo import DemoSettings, run_demo
+
+    torch.set_num_threads(threads)
+    settings = DemoSettings(pretrain_steps=pretrain_steps, train_steps=train_steps, eval_limit=eval_limit)
+    run_demo(out, settings, progress=progress, say=typer.echo)
+    typer.echo(f"report: {out / 'report.md'} (and report.json, report.png, predictions.jsonl)")
 
 
 if __name__ == "__main__":
