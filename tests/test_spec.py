@@ -19,6 +19,17 @@ def test_spec_finds_all_seven_linear_types_per_layer(request, fixture):
     assert (k.in_features, k.out_features) == (64, 32)  # 2 kv heads of 16
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama", "mistral"])
+def test_spec_covers_every_supported_layout(tok, arch):
+    from tflow import tiny
+
+    model = tiny.model(tok, arch=arch, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1)
+    spec = ReceiverSpec.from_model(model)
+    assert spec.architecture.lower().startswith(arch)
+    assert [m.kind for m in spec.modules[:7]] == list(spec.targets)
+    assert len(spec.modules) == 14 and {m.layer for m in spec.modules} == {0, 1}
+
+
 def test_spec_subset_and_fingerprint(qwen, llama):
     spec = ReceiverSpec.from_model(qwen, ["q_proj", "v_proj"], layers=[1])
     assert spec.module_names == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]

@@ -64,10 +64,10 @@ def tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512):
 def config(vocab_size: int, *, arch: str = "qwen3", hidden_size: int = 64, num_layers: int = 2,
            num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None,
            max_positions: int = 512, pad_token_id: int = 0, eos_token_id: int = 2):
-    """A transformers config of the given size; `arch` is `qwen3` or `llama`."""
-    from transformers import LlamaConfig, Qwen3Config
+    """A transformers config of the given size; `arch` is `qwen3`, `qwen2`, `llama` or `mistral`."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    cls = {"qwen3": Qwen3Config, "llama": LlamaConfig}[arch]
+    cls = {"qwen3": Qwen3Config, "qwen2": Qwen2Config, "llama": LlamaConfig, "mistral": MistralConfig}[arch]
     return cls(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
