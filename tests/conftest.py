@@ -53,3 +53,18 @@ def merged_copy(model, delta, row):
         for name, (a, b) in delta.factors.items():
             modules[name].weight += delta.scale * b[row] @ a[row]
     return clone
+
+
+def hypernet(model, num_senders, kind="mlp", seed=None, std=0.3):
+    """A small hypernetwork for `model`; with `seed`, every parameter is perturbed so deltas are not zero."""
+    from tflow import Hypernetwork, ReceiverSpec
+
+    spec = ReceiverSpec.from_model(model)
+    net = Hypernetwork(spec, {"kind": kind, "rank": 2, "d_model": 32, "depth": 1, "heads": 2},
+                       num_senders, model.config.num_hidden_layers + 1, model.config.hidden_size)
+    if seed is not None:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * std)
+    return net

@@ -2,26 +2,18 @@ import copy
 
 import pytest
 import torch
+from conftest import hypernet
 
 import tflow
-from tflow import Hypernetwork, Receiver, ReceiverSpec, Sender, communicate
-from tflow.communicate import text_turn
+from tflow import LoRADelta, Receiver, Sender, communicate
+from tflow.channels import text_turn
+from tflow.encoding import encode
 from tflow.errors import ChannelError, QueryError
 from tflow.patching import slot
+from tflow.recipe import load_recipe
+from tflow.team import build_hypernetwork
 
 QUERIES = ["What is the secret code of Lisbon?", "Hi", "one two three four five six seven eight nine"]
-
-
-def hypernet(model, num_senders, kind="mlp", seed=None, std=0.3):
-    spec = ReceiverSpec.from_model(model)
-    net = Hypernetwork(spec, {"kind": kind, "rank": 2, "d_model": 32, "depth": 1, "heads": 2},
-                       num_senders, model.config.num_hidden_layers + 1, model.config.hidden_size)
-    if seed is not None:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * std)
-    return net
 
 
 @pytest.fixture
@@ -61,8 +53,6 @@ def test_usage_equals_independent_counts(team, tok, qwen):
     reply = communicate(senders, receiver, QUERIES[0], max_new_tokens=8)
     expected = {s.name: len(tok(s.prompt(QUERIES[0]), add_special_tokens=False).input_ids) for s in senders}
     prompt = tok(receiver.prompt(QUERIES[0]), add_special_tokens=False, return_tensors="pt").input_ids
-    from tflow.encoding import encode
-
     delta = receiver.generator(encode(senders, [QUERIES[0]]))
     with tflow.patched(qwen, delta), torch.no_grad():
         out = qwen.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)[0, prompt.shape[1]:]
@@ -167,3 +157,62 @@ def test_weights_channel_without_generator_is_an_error(team):
     receiver.generator = None
     with pytest.raises(ChannelError, match="needs a generator"):
         communicate(senders, receiver, "Hi")
+
+
+def poison(delta, row):
+    """`delta` with one NaN in row `row` of its first module's A."""
+    name = next(iter(delta.factors))
+    a = delta.factors[name][0].clone()
+    a[row, 0, 0] = float("nan")
+    return LoRADelta({**delta.factors, name: (a, delta.factors[name][1])}, delta.scale)
+
+
+def test_non_finite_delta_row_is_not_applied_and_the_reply_says_so(team, qwen):
+    senders, receiver = team
+    receiver.generator = hypernet(qwen, 2, seed=1)
+    clean = communicate(senders, receiver, QUERIES, max_new_tokens=4)
+    none = communicate(senders, receiver, QUERIES, channel="none", max_new_tokens=4)
+    assert all(c.text != n.text for c, n in zip(clean, none, strict=True))  # every delta changes its answer
+    handle = receiver.generator.register_forward_hook(lambda module, args, delta: poison(delta, 1))
+    try:
+        replies = communicate(senders, receiver, QUERIES, max_new_tokens=4)
+    finally:
+        handle.remove()
+    assert replies[1].text == none[1].text
+    assert replies[1].delta_applied is False
+    assert replies[1].warnings == ["the generated delta is not finite (NaN or inf); answered without it"]
+    for q in (0, 2):
+        assert replies[q].text == clean[q].text and replies[q].delta_applied and not replies[q].warnings
+    assert all(r.delta_applied is None and not r.warnings for r in none)
+
+
+def test_delta_above_max_delta_norm_is_not_applied(team, qwen):
+    senders, receiver = team
+    receiver.generator = hypernet(qwen, 2, seed=1)
+    clean = communicate(senders, receiver, QUERIES, max_new_tokens=4)
+    none = communicate(senders, receiver, QUERIES, channel="none", max_new_tokens=4)
+    norms = receiver.generator(encode(senders, QUERIES)).row_norms().tolist()
+    bound = sorted(norms)[1] * 1.001  # between the second-largest and the largest norm
+    receiver.generator.max_delta_norm = bound
+    replies = communicate(senders, receiver, QUERIES, max_new_tokens=4)
+    for q, norm in enumerate(norms):
+        if norm > bound:
+            assert replies[q].text == none[q].text and replies[q].delta_applied is False
+            assert replies[q].warnings == [f"the generated delta's norm {norm:.4g} exceeds "
+                                           f"generator.max_delta_norm {bound:g}; answered without it"]
+        else:
+            assert replies[q].text == clean[q].text and replies[q].delta_applied and not replies[q].warnings
+    assert sum(r.delta_applied is False for r in replies) == 1
+
+
+def test_recipe_max_delta_norm_reaches_the_generator(qwen, tok):
+    recipe = load_recipe({"model": {"path": "tiny"}, "senders": [{"name": "a", "role": "A."}],
+                          "generator": {"kind": "mlp", "d_model": 32, "depth": 1, "heads": 2, "max_delta_norm": 2.5}})
+    senders = [Sender(qwen, tok, "A.", name="a")]
+    assert build_hypernetwork(recipe, senders, Receiver(qwen, tok)).max_delta_norm == 2.5
+
+
+def test_tflow_communicate_is_the_function_whatever_was_imported_first():
+    import tflow.team  # noqa: F401  (a module that uses communicate)
+
+    assert tflow.communicate is communicate and callable(tflow.communicate)

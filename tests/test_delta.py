@@ -82,3 +82,28 @@ def test_empty_and_non_3d_factors_are_rejected():
         LoRADelta({})
     with pytest.raises(DeltaError, match=r"got A \(4, 8\)"):
         LoRADelta({"m": (torch.ones(4, 8), torch.ones(1, 8, 4))})
+
+
+def test_row_norms_equal_the_frobenius_norm_of_every_merged_update(qwen):
+    delta = random_delta(qwen, batch=3, scale=-0.5)
+    for row, norm in enumerate(delta.row_norms()):
+        squares = sum(((delta.scale * b[row] @ a[row]) ** 2).sum() for a, b in delta.factors.values())
+        assert norm == pytest.approx(float(squares.sqrt()), rel=1e-4)
+
+
+def test_zeroed_rows_patch_nothing_even_when_they_held_nan(qwen, tok):
+    delta = random_delta(qwen, batch=2)
+    name = next(iter(delta.factors))
+    delta.factors[name][0][1, 0, 0] = float("nan")
+    assert delta.row_norms().isnan().tolist() == [False, True]
+    zeroed = delta.zero_rows(torch.tensor([False, True]))
+    ids = tok(["hello world", "hello world"], return_tensors="pt")
+    with torch.no_grad():
+        plain = qwen(**ids).logits
+        with patched(qwen, zeroed):
+            patched_logits = qwen(**ids).logits
+        with patched(qwen, delta.select(torch.tensor([True, False]))):
+            first_alone = qwen(input_ids=ids.input_ids[:1]).logits
+    assert torch.equal(patched_logits[1], plain[1])
+    assert torch.allclose(patched_logits[0], first_alone[0], atol=1e-5)
+    assert zeroed.row_norms()[1] == 0 and torch.equal(zeroed.factors[name][0][0], delta.factors[name][0][0])

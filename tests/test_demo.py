@@ -27,4 +27,4 @@ def test_reader_message_states_the_fact_and_the_answer():
     ex = relay.generate(1, 3)[0]
     note = message(ex)
     assert ex.contexts["reader"].removesuffix(".").split(" is ")[0].lower() in note.lower()
-    assert note.endswith(f"So the answer is {ex.answer}.")
+    assert note.endswith(f"So the answer to the question is {ex.answer}.")

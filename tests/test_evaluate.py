@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tflow import Receiver, ReceiverSpec, Sender
-from tflow.communicate import text_turn
+from tflow.channels import text_turn
 from tflow.errors import ChannelError
 from tflow.evaluate import evaluate, parse_channels
 from tflow.recipe import load_recipe

@@ -319,3 +319,14 @@ SHIPPED = sorted((ROOT / "recipes").glob("**/*.yaml"))
 def test_shipped_recipes_validate(path, monkeypatch):
     monkeypatch.chdir(ROOT)  # relative paths in recipes resolve against the working directory
     load_recipe(path)
+
+
+def test_home_folder_paths_are_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "qwen").mkdir()
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    recipe = load_recipe(with_(data={"source": "~/train.jsonl"}),
+                         ["model.path=~/qwen", "train.out_dir=~/runs"])
+    assert recipe.model.path == str(tmp_path / "qwen")
+    assert recipe.data.source == str(tmp_path / "train.jsonl")
+    assert recipe.train.out_dir == str(tmp_path / "runs")

@@ -9,8 +9,8 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "CHANNELS": "tflow.communicate",
-    "communicate": "tflow.communicate",
+    "CHANNELS": "tflow.channels",
+    "communicate": "tflow.channels",
     "AgentUsage": "tflow.reply",
     "Reply": "tflow.reply",
     "Usage": "tflow.reply",

@@ -81,6 +81,27 @@ class LoRADelta:
                     "need A [batch, rank, in] and B [batch, out, rank]"
                 )
 
+    def row_norms(self) -> Tensor:
+        """Per-row Frobenius norm of the whole update: sqrt(sum over modules ||scale * B_b A_b||_F^2).
+
+        Computed from r x r Gram matrices, ||B A||_F^2 = sum((A Aᵀ) * (Bᵀ B)), without forming
+        B A. Returns [batch] float32; NaN or inf where a row's factors are not finite.
+        """
+        total = 0
+        for a, b in self.factors.values():
+            a, b = a.detach().float(), b.detach().float()
+            total = total + ((a @ a.mT) * (b.mT @ b)).sum((1, 2))
+        return abs(self.scale) * total.clamp_min(0).sqrt()
+
+    def zero_rows(self, rows: Tensor) -> LoRADelta:
+        """This delta with the A and B of the rows in bool mask `rows` [batch] set to zero.
+
+        A zeroed row patches nothing: the model computes exactly what it computes unpatched,
+        even where that row's factors held NaN (zeroing B alone would leave NaN * 0).
+        """
+        mask = rows.reshape(-1, 1, 1)
+        return self._map(lambda t: t.masked_fill(mask, 0))
+
     def expand(self, n: int) -> LoRADelta:
         """Repeat each row n times in place (row b becomes rows b*n .. b*n+n-1), as generate() does."""
         if n == 1:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tflow.agents import chat_prompt
-from tflow.communicate import text_turn
+from tflow.channels import text_turn
 from tflow.tasks import Example, relay
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
@@ -35,15 +35,17 @@ class DemoSettings:
 
 
 def message(example: Example) -> str:
-    """The note a reader sender learns to write for the text channel (about 30 tokens).
+    """The note a reader sender learns to write for the text channel (about 40 tokens).
 
-    It restates what is asked and what the document says, as TextMAS agents' messages do; the
-    text channel's cost follows from its length.
+    It restates what is asked, what the document says and the answer, as TextMAS agents'
+    messages do. The text channel's cost grows with it: with a one-sentence note the weight
+    channel would process about 0.7x the text channel's tokens instead of about 0.45x.
     """
     asked = example.question.removeprefix("What is the ").removesuffix("?")
     value = example.answer
-    return (f"Message for the executor: the question asks for the {asked}. "
-            f"My document says that the {asked} is {value}. So the answer is {value}.")
+    return (f"Message for the executor from the reader: the question asks for the {asked}. "
+            f"I read my document, and it says that the {asked} is {value}. "
+            f"So the answer to the question is {value}.")
 
 
 def relay_pairs(examples: list[Example], tokenizer, task, sender_role: str, receiver_prompt: str):
@@ -97,13 +99,15 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings = DemoSetting
 
     say(f"[1/4] building a tiny Qwen3-architecture model ({settings.num_layers} layers, hidden "
         f"{settings.hidden_size}) and a tokenizer, locally")
-    corpus = relay.corpus() * 2 + [message(ex) for ex in splits.train[:200]]
-    tok = tiny.tokenizer(corpus, settings.vocab_size)
+    # The tokenizer learns from the very conversations the model will read; the first one only
+    # renders them (the chat template does not depend on the vocabulary).
+    render = tiny.tokenizer(relay.corpus(), settings.vocab_size)
+    pairs = relay_pairs(splits.train, render, splits.task, recipe.senders[0].role, recipe.receiver.system_prompt)
+    tok = tiny.tokenizer(relay.corpus() * 2 + [p + t for p, t in pairs[:600]], settings.vocab_size)
     model = tiny.model(tok, seed=recipe.seed, hidden_size=settings.hidden_size, num_layers=settings.num_layers,
                        num_heads=4, num_kv_heads=2)
 
     say(f"[2/4] pretraining it on the relay format ({settings.pretrain_steps} steps), then freezing it")
-    pairs = relay_pairs(splits.train, tok, splits.task, recipe.senders[0].role, recipe.receiver.system_prompt)
     with Progress(disable=not progress) as bar:
         job = bar.add_task("pretraining", total=settings.pretrain_steps)
         pretrain(model, tok, pairs, steps=settings.pretrain_steps, batch_size=settings.batch_size,

@@ -49,3 +49,7 @@ class ChannelError(TflowError, ValueError):
 
 class OutputError(TflowError, OSError):
     """An output folder that cannot be created or written."""
+
+
+class BenchError(TflowError, ValueError):
+    """A benchmark that cannot run as asked: unknown shape, or a GPU-sized shape on CPU unforced."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 
-from tflow.communicate import CHANNELS
+from tflow.channels import CHANNELS
 from tflow.errors import ChannelError, DataError, QueryError
 from tflow.reply import Reply
 from tflow.tasks import Example, Task

@@ -19,12 +19,15 @@ class Hypernetwork(nn.Module):
 
     `config` records what is needed to rebuild it: the generator config, the number of senders,
     the sender layer count and hidden size, and the fusion gate's initial value.
+    `max_delta_norm` is a run-time bound, not part of the checkpoint: the weights channel applies
+    no query's delta whose `LoRADelta.row_norms()` exceeds it (None: no bound).
     """
 
     def __init__(self, spec: ReceiverSpec, generator: Mapping, num_senders: int, sender_layers: int,
-                 sender_hidden: int, gate_init: float = 1.0):
+                 sender_hidden: int, gate_init: float = 1.0, max_delta_norm: float | None = None):
         super().__init__()
         self.spec = spec
+        self.max_delta_norm = max_delta_norm
         self.aggregation = LayerAggregation(sender_layers)
         self.generator = generators.build(dict(generator), spec, sender_hidden)
         self.fusion = Fusion(num_senders, gate_init)

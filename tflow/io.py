@@ -44,7 +44,7 @@ def writable_dir(path: str | Path) -> Path:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as err:
-        raise OutputError(f"cannot write to {path}: {err.strerror or err}") from None
+        raise OutputError(f"cannot write to {path}: {err.strerror or err}; choose a folder you can write to") from None
     return path
 
 

@@ -45,6 +45,16 @@ class _BadOverride(Exception):
     pass
 
 
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load(text)`; every failure is a `yaml.YAMLError`, nesting too deep included."""
+    try:
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+    except ValueError as err:  # a value the constructor cannot build, e.g. an integer of 5000 digits
+        raise yaml.YAMLError(str(err)) from None
+
+
 def _parse(override: str) -> tuple[list[str], Any]:
     key, sep, text = override.partition("=")
     key = key.strip()
@@ -55,9 +65,9 @@ def _parse(override: str) -> tuple[list[str], Any]:
     if not all(keys):
         raise _BadOverride(f"{key}: empty key segment in override {override!r}")
     try:
-        value = yaml.safe_load(text)
+        value = load_yaml(text)
     except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or "not valid YAML"
+        problem = getattr(err, "problem", None) or str(err) or "not valid YAML"
         raise _BadOverride(
             f"{key}: cannot parse value {text!r} ({problem}); quote it to pass a string"
         ) from None

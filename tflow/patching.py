@@ -4,6 +4,8 @@ Each targeted nn.Linear gets one forward hook, installed the first time it is pa
 kept for the life of the model. The hook reads the current delta from the model's slot and
 adds `scale * B_b (A_b x_b)` per batch row with two batched matmuls; with an empty slot it
 returns None, so the module's own output passes through untouched (bit-exact restore).
+Attaching lays each module's factors out once (contiguous A and Bᵀ in the module's dtype), so
+a call costs one dict lookup and two matmuls; under no_grad the update is added in place.
 Persistent hooks matter twice over: gradient checkpointing re-runs the forward during
 backward, after a `with` block would already have removed per-call hooks, and a compiled
 graph keeps the hooks that existed when it was traced.
@@ -23,6 +25,41 @@ from tflow.delta import LoRADelta
 from tflow.errors import PatchError
 
 
+class _Factors:
+    """One module's factors laid out for its hook: A [rows, r, in] and B transposed [rows, r, out].
+
+    Both are contiguous and in the module's dtype, prepared once per attach: contiguous Bᵀ makes
+    the second matmul several times faster than a strided view on CPU. `base` holds the delta's
+    own rows, from which beam and return-sequence expansions are made.
+    """
+
+    __slots__ = ("a", "b_t", "rows", "scale", "base")
+
+    def __init__(self, a: Tensor, b_t: Tensor, scale: float, base: _Factors | None = None):
+        self.a, self.b_t, self.rows, self.scale = a, b_t, a.shape[0], scale
+        self.base = self if base is None else base
+
+    @classmethod
+    def prepare(cls, a: Tensor, b: Tensor, scale: float, dtype: torch.dtype) -> _Factors:
+        """a: [batch, r, in], b: [batch, out, r]; grad mode forced on, so gradients always reach both."""
+        with torch.enable_grad():
+            return cls(a.to(dtype).contiguous(), b.to(dtype).mT.contiguous(), scale)
+
+    def expand(self, rows: int, name: str) -> _Factors:
+        """These factors for a batch of `rows`, each row repeated in place as generate() repeats inputs."""
+        base = self.base
+        if rows == base.rows:
+            return base
+        if rows % base.rows:
+            raise PatchError(
+                f"{name} runs a batch of {rows} rows but the delta has {base.rows}; "
+                "the batch must be the delta's or a whole multiple (beams, return sequences)"
+            )
+        n = rows // base.rows
+        with torch.enable_grad():
+            return _Factors(base.a.repeat_interleave(n, 0), base.b_t.repeat_interleave(n, 0), base.scale, base)
+
+
 class _Slot:
     """The delta a model currently runs with, plus the hooks that read it."""
 
@@ -31,7 +68,8 @@ class _Slot:
         self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._lock = threading.Lock()
         self.delta: LoRADelta | None = None
-        self._factors: dict[tuple[str, int, torch.dtype], tuple[Tensor, Tensor]] = {}
+        # Filled and emptied in place: every hook holds this very dict, one lookup per call.
+        self._live: dict[str, _Factors] = {}
 
     def install(self, names) -> None:
         for name in names:
@@ -44,48 +82,51 @@ class _Slot:
                 "this model is already patched (by another thread or an enclosing block); "
                 "fuse the deltas with LoRADelta.concat, or serialise the calls"
             )
-        self._factors.clear()
+        try:
+            live = {name: _Factors.prepare(a, b, delta.scale, _dtype(self._modules[name], a))
+                    for name, (a, b) in delta.factors.items()}
+        except BaseException:
+            self._lock.release()
+            raise
+        self._live.update(live)
         self.delta = delta
 
     def detach(self) -> None:
         self.delta = None
-        self._factors.clear()
+        self._live.clear()
         if self._lock.locked():
             self._lock.release()
 
-    def factors(self, name: str, rows: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The (A, B) of `name` for a batch of `rows`, expanded like generate() expands inputs."""
-        key = (name, rows, dtype)
-        cached = self._factors.get(key)
-        if cached is not None:
-            return cached
-        a, b = self.delta.factors[name]
-        batch = a.shape[0]
-        if rows != batch:
-            if rows % batch:
-                raise PatchError(
-                    f"{name} runs a batch of {rows} rows but the delta has {batch}; "
-                    "the batch must be the delta's or a whole multiple (beams, return sequences)"
-                )
-            a, b = a.repeat_interleave(rows // batch, 0), b.repeat_interleave(rows // batch, 0)
-        pair = (a.to(dtype), b.to(dtype).mT)
-        self._factors[key] = pair
-        return pair
-
     def _hook(self, name: str):
+        live = self._live
+
         def hook(module: nn.Module, args: tuple, output: Tensor):
-            delta = self.delta
-            if delta is None or name not in delta.factors:
+            f = live.get(name)
+            if f is None:
                 return None
             x = args[0]
+            if x.shape[0] != f.rows:
+                f = live[name] = f.expand(x.shape[0], name)
             flat = x.dim() == 2
             if flat:
                 x, output = x.unsqueeze(1), output.unsqueeze(1)
-            a, b_t = self.factors(name, x.shape[0], output.dtype)
-            out = torch.baddbmm(output, torch.bmm(x.to(a.dtype), a.mT), b_t, alpha=delta.scale)
+            a, b_t = f.a, f.b_t
+            if a.dtype != output.dtype:  # autocast, or a module whose weight is not its compute dtype
+                a, b_t = a.to(output.dtype), b_t.to(output.dtype)
+            h = torch.bmm(x if x.dtype == a.dtype else x.to(a.dtype), a.mT)
+            if torch.is_grad_enabled():
+                out = torch.baddbmm(output, h, b_t, alpha=f.scale)
+            else:  # nothing records the fresh output, so add in place and spare a copy of it
+                out = output.baddbmm_(h, b_t, alpha=f.scale)
             return out.squeeze(1) if flat else out
 
         return hook
+
+
+def _dtype(module: nn.Module, a: Tensor) -> torch.dtype:
+    """The dtype a module computes in: its weight's, unless that is not floating point (quantized)."""
+    weight = getattr(module, "weight", None)
+    return weight.dtype if weight is not None and weight.is_floating_point() else a.dtype
 
 
 _SLOTS: weakref.WeakKeyDictionary[nn.Module, _Slot] = weakref.WeakKeyDictionary()

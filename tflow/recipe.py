@@ -9,6 +9,7 @@ documentation: `reference_markdown()` renders docs/recipes.md from them.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import types
 from collections.abc import Mapping, Sequence
@@ -20,8 +21,9 @@ from annotated_types import Ge, Gt, Le, Lt, MinLen
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from tflow import tasks
 from tflow.errors import RecipeError
-from tflow.overrides import collect_overrides
+from tflow.overrides import collect_overrides, load_yaml
 
 # Same seven names as tflow.spec.ALL_TARGETS (a test keeps them equal); not imported from there
 # because tflow.spec needs torch and validating a recipe must not.
@@ -35,6 +37,11 @@ class _Section(BaseModel):
 
 def _looks_local(path: str, suffixes: Sequence[str] = ()) -> bool:
     return path.startswith(("./", "../", "/", "~")) or path.lower().endswith(tuple(suffixes))
+
+
+def _home(path: str) -> str:
+    """`path` with a leading `~` or `~user` expanded, as a shell would (unchanged for an unknown user)."""
+    return os.path.expanduser(path)
 
 
 class TinySection(_Section):
@@ -82,6 +89,11 @@ class ModelSection(_Section):
     tiny: TinySection | None = None
     """If set and `path` does not exist locally, tflow builds a tiny model there on first use."""
 
+    @field_validator("path")
+    @classmethod
+    def _expand_home(cls, path: str) -> str:
+        return _home(path)
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, device: str) -> str:
@@ -92,7 +104,7 @@ class ModelSection(_Section):
     @model_validator(mode="after")
     def _local_path_exists(self) -> ModelSection:
         # Only unmistakably local paths: `org/name` may be a hub id.
-        if self.tiny is None and _looks_local(self.path) and not Path(self.path).expanduser().exists():
+        if self.tiny is None and _looks_local(self.path) and not Path(self.path).exists():
             raise PydanticCustomError(
                 "model_path_not_found",
                 "path: folder not found: {value} (set tiny to build a tiny model there)",
@@ -147,7 +159,9 @@ class GeneratorSection(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout inside the generator during training."""
     max_delta_norm: float | None = Field(None, gt=0)
-    """Clamp each delta's per-module Frobenius norm to at most this; null leaves it unbounded."""
+    """Largest norm of a query's delta the receiver accepts: the Frobenius norm of all its modules'
+    updates together, sqrt(sum ||scale·B A||²). A query whose delta exceeds it, or is not finite
+    (always refused), is answered without the delta and its reply says so; null: no bound."""
 
     @field_validator("targets", "layers")
     @classmethod
@@ -227,11 +241,20 @@ class DataSection(_Section):
     relay: RelaySection | None = None
     """Settings of the synthetic relay task."""
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str | None) -> str | None:
+        if task is not None and task not in tasks.available():
+            known = tasks.available()
+            raise ValueError(f"unknown task {_show(task)}{_suggest(task, known)}; available: {', '.join(known)}")
+        return task
+
     @field_validator("source")
     @classmethod
     def _local_source_exists(cls, source: str | None) -> str | None:
+        source = source and _home(source)
         local = source and _looks_local(source, LOCAL_DATA_SUFFIXES)
-        if local and not Path(source).expanduser().exists():
+        if local and not Path(source).exists():
             raise ValueError(f"file not found: {source}")
         return source
 
@@ -283,6 +306,11 @@ class TrainSection(_Section):
     """Data loader worker processes."""
     max_length: int = Field(512, gt=0)
     """Truncate prompt plus answer to this many tokens."""
+
+    @field_validator("out_dir")
+    @classmethod
+    def _expand_home(cls, out_dir: str) -> str:
+        return _home(out_dir)
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -393,11 +421,15 @@ def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise RecipeError([f"recipe file not found: {path}"])
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise RecipeError([f"not UTF-8 text (byte {err.start}); save the recipe as UTF-8"], str(path)) from None
+    except OSError as err:
+        raise RecipeError([f"cannot read the recipe: {err.strerror or err}"], str(path)) from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = f"line {mark.line + 1}: " if mark else ""
-        raise RecipeError([f"{line}{err.problem or err.context}"], str(path)) from None
+        raise RecipeError([f"{line}invalid YAML: {err.problem or err.context}"], str(path)) from None
     except yaml.YAMLError as err:
         raise RecipeError([f"not valid YAML: {err}"], str(path)) from None
 
@@ -572,9 +604,10 @@ key path as you would type it in an override, e.g. `train.lr: must be > 0, got -
 `train.max_stepz: unknown key (did you mean max_steps?)`.
 
 **Paths.** Relative paths (`model.path`, `data.source`, `train.out_dir`) resolve against the
-current working directory, not the recipe's folder. A `model.path` starting with `./`, `../`,
-`/` or `~` must exist unless `model.tiny` is set; a `data.source` that looks like a local file
-(such a prefix, or a .json/.jsonl/.parquet/.csv name) must exist. Anything else is a hub id.
+current working directory, not the recipe's folder; a leading `~` is your home folder. A
+`model.path` starting with `./`, `../`, `/` or `~` must exist unless `model.tiny` is set; a
+`data.source` that looks like a local file (such a prefix, or a .json/.jsonl/.parquet/.csv name)
+must exist. Anything else is a hub id.
 """
 
 

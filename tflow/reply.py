@@ -51,6 +51,10 @@ class Reply:
     allocated when it began (None per stage when no agent runs on CUDA); the queries of one batched
     call share both. `message_bytes` is what crossed from the senders to the receiver for this
     query: its delta's bytes (weights) or its message tokens' bytes (text).
+
+    `delta_applied` is True when the weights channel patched this query's delta in, False when
+    it refused the delta (not finite, or above the generator's `max_delta_norm`) and answered
+    without it, None on channels without a delta; `warnings` says what went wrong, if anything.
     """
 
     text: str
@@ -60,3 +64,5 @@ class Reply:
     message_bytes: int = 0
     messages: dict[str, str] = field(default_factory=dict)
     peak_memory_bytes: dict[str, int | None] = field(default_factory=dict)
+    delta_applied: bool | None = None
+    warnings: list[str] = field(default_factory=list)

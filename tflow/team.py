@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tflow.agents import Receiver, Sender
-from tflow.communicate import communicate
+from tflow.channels import communicate
 from tflow.hypernetwork import Hypernetwork
 from tflow.models import load_backbone
 from tflow.reply import Reply
@@ -70,5 +70,5 @@ def build_hypernetwork(recipe, senders: Sequence[Sender], receiver: Receiver) ->
     spec = ReceiverSpec.from_model(receiver.model, g.targets, g.layers)
     config = senders[0].model.config
     hypernet = Hypernetwork(spec, g.model_dump(exclude={"targets", "layers", "max_delta_norm"}), len(senders), config.num_hidden_layers + 1,
-                            config.hidden_size, recipe.fusion.gate_init)
+                            config.hidden_size, recipe.fusion.gate_init, g.max_delta_norm)
     return hypernet.to(next(receiver.model.parameters()).device)

@@ -63,8 +63,12 @@ def tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512):
 
 def config(vocab_size: int, *, arch: str = "qwen3", hidden_size: int = 64, num_layers: int = 2,
            num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None,
-           max_positions: int = 512, pad_token_id: int = 0, eos_token_id: int = 2):
-    """A transformers config of the given size; `arch` is `qwen3`, `qwen2`, `llama` or `mistral`."""
+           head_dim: int | None = None, max_positions: int = 512, pad_token_id: int = 0,
+           eos_token_id: int = 2):
+    """A transformers config of the given size; `arch` is `qwen3`, `qwen2`, `llama` or `mistral`.
+
+    head_dim defaults to hidden_size // num_heads; Qwen3-4B sets it apart (32 heads of 128 on 2560).
+    """
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     cls = {"qwen3": Qwen3Config, "qwen2": Qwen2Config, "llama": LlamaConfig, "mistral": MistralConfig}[arch]
@@ -75,7 +79,7 @@ def config(vocab_size: int, *, arch: str = "qwen3", hidden_size: int = 64, num_l
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
-        head_dim=hidden_size // num_heads,
+        head_dim=head_dim or hidden_size // num_heads,
         max_position_embeddings=max_positions,
         tie_word_embeddings=True,
         pad_token_id=pad_token_id,

@@ -22,7 +22,7 @@ from tflow import checkpoint
 from tflow.data import Splits, load_splits, teacher_forced
 from tflow.encoding import encode
 from tflow.errors import CheckpointError
-from tflow.io import atomic_write, atomic_write_text
+from tflow.io import atomic_write, atomic_write_text, writable_dir
 from tflow.patching import attach, detach, patched
 from tflow.team import Team, load
 
@@ -140,7 +140,8 @@ def train(recipe, *, resume: bool = False, progress: bool = True, callbacks=()) 
     With `resume`, continue from `train.out_dir/lightning/last.ckpt` (loaded weights-only).
 
     Raises:
-        RecipeError, DataError, ModelLoadError, CheckpointError (resume without a checkpoint).
+        RecipeError, DataError, ModelLoadError, CheckpointError (resume without a checkpoint),
+        OutputError (train.out_dir cannot be written).
     """
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -149,9 +150,10 @@ def train(recipe, *, resume: bool = False, progress: bool = True, callbacks=()) 
     last = out_dir / LIGHTNING_DIR / "last.ckpt"
     if resume and not last.is_file():
         raise CheckpointError(f"--resume: {last} does not exist; start without --resume or check train.out_dir")
+    writable_dir(out_dir)  # fail before loading any weights, not at the first checkpoint
     L.seed_everything(recipe.seed, verbose=False)
+    splits = load_splits(recipe)  # data problems surface before any weights load
     team = load(recipe)
-    splits = load_splits(recipe)
     module = GeneratorModule(team, splits)
     shuffle = torch.Generator().manual_seed(recipe.seed)
     train_loader = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=True, collate_fn=list,

@@ -122,6 +122,7 @@ class Task:
         """Yield (where, datasets.Dataset, extra meta) for each part of the source to read."""
         import datasets
 
+        datasets.disable_progress_bars()  # stderr is for errors and the command's own progress
         if source is None:
             if self.default_source is None:
                 raise DataError(f"task {self.name!r} has no default source; pass a file or hub id")

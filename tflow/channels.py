@@ -1,12 +1,14 @@
-"""tflow.communicate: one entry point for every channel, one ledger for all of them.
+"""tflow.communicate and its channels: one entry point for every channel, one ledger for all.
 
 Channels: `none` (the receiver alone), `text` (TextMAS: senders write messages in turn, the
 receiver reads them all), `weights` (TFlow: sender states -> generator -> fused delta -> the
-receiver generates with the delta patched in).
+receiver generates with the delta patched in). A query whose delta is not finite or exceeds the
+generator's `max_delta_norm` is answered without it, and its Reply says so.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import weakref
@@ -16,6 +18,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 
 from tflow.agents import Receiver, Sender
+from tflow.delta import LoRADelta
 from tflow.encoding import encode, token_ids
 from tflow.errors import ChannelError, QueryError
 from tflow.generation import GenerationSettings, generate, kv_cache_bytes
@@ -39,6 +42,9 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
     query in place of its own `context`.
 
     Calls from several threads on shared models run one at a time, never mixing deltas.
+    On the weights channel, a query whose generated delta is not finite or has a norm above
+    `receiver.generator.max_delta_norm` is answered without its delta (`Reply.delta_applied`
+    False, the reason in `Reply.warnings`); the other queries of the batch keep theirs.
 
     Raises:
         ChannelError: unknown channel, or `weights` with a receiver that has no generator.
@@ -82,7 +88,7 @@ def _weights(senders, receiver, queries, settings, names, message_tokens, contex
     with stages("senders"):
         states = encode(senders, queries, contexts)
     with stages("generator"), torch.no_grad():
-        delta = receiver.generator(states)
+        delta, refused = _guard(receiver.generator(states), receiver.generator.max_delta_norm)
     with stages("receiver"), patched(receiver.model, delta):
         out = generate(receiver.model, receiver.tokenizer, [receiver.prompt(q) for q in queries], settings)
     per_row_bytes = delta.num_bytes // delta.batch_size
@@ -91,8 +97,30 @@ def _weights(senders, receiver, queries, settings, names, message_tokens, contex
         ledger = {names[s]: _usage(sender, int(states.prompt_tokens[s * len(queries) + q]), 0)
                   for s, sender in enumerate(senders)}
         ledger[receiver.name] = _usage(receiver, out.prompt_tokens[q], out.generated_tokens[q])
-        replies.append(Reply(text, "weights", Usage(ledger), message_bytes=per_row_bytes, **stages.measured))
+        replies.append(Reply(text, "weights", Usage(ledger), message_bytes=per_row_bytes, **stages.measured,
+                             delta_applied=refused[q] is None, warnings=[refused[q]] if refused[q] else []))
     return replies
+
+
+def _guard(delta: LoRADelta, max_norm: float | None) -> tuple[LoRADelta, list[str | None]]:
+    """`delta` with the rows that must not be applied zeroed, and per row why (None: applied).
+
+    A row is refused when its norm (`LoRADelta.row_norms`) is NaN or inf, or above `max_norm`.
+    """
+    norms = delta.row_norms()
+    reasons: list[str | None] = []
+    for norm in norms.tolist():
+        if not math.isfinite(norm):
+            reasons.append("the generated delta is not finite (NaN or inf); answered without it")
+        elif max_norm is not None and norm > max_norm:
+            reasons.append(f"the generated delta's norm {norm:.4g} exceeds generator.max_delta_norm "
+                           f"{max_norm:g}; answered without it")
+        else:
+            reasons.append(None)
+    refused = [r is not None for r in reasons]
+    if any(refused):
+        delta = delta.zero_rows(torch.tensor(refused, device=norms.device))
+    return delta, reasons
 
 
 def _text(senders, receiver, queries, settings, names, message_tokens, contexts):
