@@ -75,6 +75,7 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings = DemoSetting
     """
     import torch
     from rich.progress import Progress
+    from transformers.utils import logging as hf_logging
 
     from tflow import tiny
     from tflow.data import load_splits
@@ -85,8 +86,6 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings = DemoSetting
     from tflow.report import render_table, write_report
     from tflow.team import load
     from tflow.training import train
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     out = writable_dir(Path(out))
