@@ -129,3 +129,26 @@ def test_parse_channels():
     assert parse_channels(["weights"]) == ["weights"]
     with pytest.raises(ChannelError, match="no channel given"):
         parse_channels(" , ")
+
+
+def test_refused_deltas_are_counted_in_the_report(qwen, tok, examples, tmp_path):
+    from tflow.report import write_report
+
+    recipe = load_recipe({**RECIPE, "generator": {**RECIPE["generator"], "max_delta_norm": 1e-6}})
+    senders = [Sender(qwen, tok, s.role, s.name) for s in recipe.senders]
+    receiver = Receiver(qwen, tok, recipe.receiver.system_prompt, name=recipe.receiver.name)
+    receiver.generator = build_hypernetwork(recipe, senders, receiver)
+    with torch.no_grad():
+        for p in receiver.generator.parameters():
+            p.add_(0.5)  # every B head non-zero: every delta's norm is far above 1e-6
+    result = evaluate(Team(senders, receiver, recipe), relay.Relay(), examples, ["none", "weights"])
+    assert result.channels["weights"].refused_deltas == len(examples)
+    assert result.channels["none"].refused_deltas == 0
+    report = write_report(result, tmp_path)
+    assert report["channels"]["weights"]["refused_deltas"] == len(examples)
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [r["delta_applied"] for r in rows if r["channel"] == "weights"] == [False] * len(examples)
+    none = [r["reply"] for r in rows if r["channel"] == "none"]
+    assert [r["reply"] for r in rows if r["channel"] == "weights"] == none  # refused = answered without

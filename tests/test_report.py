@@ -76,7 +76,7 @@ def test_report_files_agree_with_each_other(tmp_path):
                                      "time vs text": "0.40×", "time vs none": "2.00×"}
     assert predictions[0] == {"channel": "none", "index": 0, "question": "What is the password of Helsinki?",
                               "gold": "jasmine", "prediction": "jasmine", "reply": "jasmine", "correct": True,
-                              "tokens": 50}
+                              "tokens": 50, "delta_applied": None}
     rendered = render_table(report)
     assert all(cell in rendered for cell in ["weights", "50.00", "360", "0.38×", "2.00×"])
 

@@ -27,6 +27,7 @@ class Prediction:
     reply: str
     correct: bool
     tokens: int
+    delta_applied: bool | None = None
 
 
 @dataclass
@@ -55,6 +56,11 @@ class ChannelResult:
         return self.correct / len(self.predictions) if self.predictions else 0.0
 
     @property
+    def refused_deltas(self) -> int:
+        """Queries whose generated delta the guard refused (non-finite or over the bound)."""
+        return sum(p.delta_applied is False for p in self.predictions)
+
+    @property
     def seconds(self) -> float:
         return sum(self.seconds_by_stage.values())
 
@@ -77,7 +83,7 @@ class ChannelResult:
             self.message_bytes += reply.message_bytes
             self.predictions.append(Prediction(
                 len(self.predictions), example.question, example.answer, task.extract(reply.text), reply.text,
-                task.score(reply.text, example), reply.usage.total_tokens,
+                task.score(reply.text, example), reply.usage.total_tokens, reply.delta_applied,
             ))
 
 

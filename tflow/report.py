@@ -42,6 +42,7 @@ def _channel(r: ChannelResult, n: int) -> dict:
         "tokens_per_query": r.tokens / n,
         "kv_cache_bytes": r.kv_cache_bytes,
         "message_bytes": r.message_bytes / n,
+        "refused_deltas": r.refused_deltas,
     }
 
 
