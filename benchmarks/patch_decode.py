@@ -1,19 +1,20 @@
 """Patched vs plain greedy decode, measured side by side in one run (issue: patching core).
 
 Shape: hidden 512, 4 layers, batch 8, rank 8, all 7 linear types, 64 prompt + 32 new tokens, CPU.
-Prints per-variant median seconds and the patched/plain ratio. Run: python benchmarks/patch_decode.py
+Plain is an identical twin that was never patched. Prints per-variant median seconds and the
+median per-round patched/plain ratio. Run: python benchmarks/patch_decode.py
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import statistics
-import time
 
 import torch
 
-from tflow import LoRADelta, ReceiverSpec, patched, tiny
+from tflow import tiny
+from tflow.bench import bench_model, machine, measure_decode
 
 
 def main() -> None:
@@ -25,40 +26,22 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
-    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tok = tiny.tokenizer()
-    model = tiny.model(tok, hidden_size=args.hidden, num_layers=args.layers, num_heads=8, num_kv_heads=4)
-    spec = ReceiverSpec.from_model(model)
-    delta = LoRADelta({m.name: (torch.randn(args.batch, args.rank, m.in_features) * 0.02,
-                                torch.randn(args.batch, m.out_features, args.rank) * 0.02)
-                       for m in spec.modules}, scale=2.0)
-    ids = torch.randint(3, len(tok), (args.batch, args.prompt))
-    gen = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=tok.pad_token_id)
-
-    def plain():
-        with torch.no_grad():
-            model.generate(ids, **gen)
-
-    def patch():
-        with patched(model, delta), torch.no_grad():
-            model.generate(ids, **gen)
-
-    times = {"plain": [], "patched": []}
-    plain(), patch()  # warm-up
-    for _ in range(args.repeats):  # interleaved, so drift hits both alike
-        for name, fn in (("plain", plain), ("patched", patch)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    result = {"shape": vars(args), "plain_s": med["plain"], "patched_s": med["patched"],
-              "patch_overhead": med["patched"] / med["plain"], "threads": torch.get_num_threads()}
-    print(f"plain   {med['plain'] * 1e3:8.1f} ms   (median of {args.repeats})")
-    print(f"patched {med['patched'] * 1e3:8.1f} ms")
-    print(f"patched/plain = {result['patch_overhead']:.3f}")
+    shape = dict(hidden_size=args.hidden, num_layers=args.layers, num_heads=8, num_kv_heads=4)
+    model = bench_model(tok, shape, torch.device("cpu"), torch.float32)
+    figures = measure_decode(model, copy.deepcopy(model), len(tok), batch=args.batch, rank=args.rank,
+                             prompt_tokens=args.prompt, new_tokens=args.new, repeats=args.repeats)
+    result = {"shape": vars(args), "plain_s": figures["plain_s"], "patched_s": figures["patched_s"],
+              "patch_overhead": figures["ratio"], "machine": machine(torch.device("cpu"), torch.float32)}
+    print(f"plain   {result['plain_s'] * 1e3:8.1f} ms   (median of {args.repeats})")
+    print(f"patched {result['patched_s'] * 1e3:8.1f} ms")
+    print(f"patched/plain = {result['patch_overhead']:.3f}   ({torch.get_num_threads()} threads)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

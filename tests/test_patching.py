@@ -7,6 +7,7 @@ from conftest import merged_copy, random_delta
 
 from tflow import LoRADelta, ReceiverSpec, patched
 from tflow.errors import DeltaError, PatchError
+from tflow.patching import attach, detach
 
 PROMPTS = ["The answer is 12.", "What is the secret code of the city", "Hi", "one two three four five six"]
 
@@ -118,7 +119,7 @@ def test_gradients_reach_factors_and_their_producer(qwen, tok, checkpointing):
     code = producer(z)  # [2, 16]
     rank = 2
     factors = {}
-    for i, m in enumerate(spec.modules):
+    for m in spec.modules:
         a = code[:, :rank, None] * torch.ones(1, 1, m.in_features) * 0.1
         b = code[:, rank : 2 * rank].reshape(2, 1, rank) * torch.ones(1, m.out_features, 1) * 0.1
         factors[m.name] = (a.contiguous(), b.contiguous())
@@ -218,3 +219,64 @@ def test_nested_patch_is_refused_and_outer_survives(qwen, tok):
         with pytest.raises(PatchError), patched(qwen, d):
             pass
         assert torch.equal(logits(qwen, ids, mask), expected)
+
+
+def lora_reference(linear, x, a, b, scale):
+    """W x + bias + scale * B_b (A_b x) per row, written out with einsum."""
+    return linear(x) + scale * torch.einsum("bor,bri,b...i->b...o", b, a, x)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("shape", [(4, 5, 16), (4, 16)])
+def test_hook_fast_path_equals_the_lora_formula_and_keeps_gradients(grad, shape):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12))
+    a = torch.randn(4, 3, 16, requires_grad=True)
+    b = torch.randn(4, 12, 3, requires_grad=True)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        expected = lora_reference(model[0], x, a, b, 0.7)
+    with torch.set_grad_enabled(grad), patched(model, LoRADelta({"0": (a, b)}, scale=0.7)):
+        got = model(x)
+        if grad:  # out of place, so the base output stays intact for autograd
+            got.square().sum().backward()
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-5
+    if grad:
+        assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
+
+
+def test_factors_prepared_under_no_grad_still_carry_gradients():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    a, b = torch.randn(2, 2, 8, requires_grad=True), torch.randn(2, 8, 2, requires_grad=True)
+    with torch.no_grad():
+        attach(model, LoRADelta({"0": (a, b)}))
+    try:
+        model(torch.randn(2, 8)).sum().backward()
+    finally:
+        detach(model)
+    assert a.grad is not None and b.grad is not None
+
+
+def test_factors_follow_the_module_dtype():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16)).to(torch.float64)
+    a, b = torch.randn(2, 4, 16), torch.randn(2, 16, 4)
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    with patched(model, LoRADelta({"0": (a, b)}, scale=0.5)), torch.no_grad():
+        got = model(x)
+    assert got.dtype == torch.float64
+    expected = lora_reference(model[0], x, a.double(), b.double(), 0.5)
+    assert (got - expected).abs().max().item() < 1e-10
+
+
+def test_expanded_batches_switch_back_and_forth_within_one_patch():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    a, b = torch.randn(2, 2, 8), torch.randn(2, 8, 2)
+    x = torch.randn(2, 8)
+    with patched(model, LoRADelta({"0": (a, b)})), torch.no_grad():
+        outs = [model(x), model(x.repeat_interleave(3, 0)), model(x)]
+    assert torch.allclose(outs[1], outs[0].repeat_interleave(3, 0), atol=1e-6)
+    assert torch.equal(outs[2], outs[0])

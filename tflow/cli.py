@@ -242,5 +242,40 @@ def demo(
     typer.echo(f"report: {out / 'report.md'} (and report.json, report.png, predictions.jsonl)")
 
 
+@app.command()
+@reports_errors
+def bench(
+    shape: Annotated[str, typer.Option(help="Model shape: tiny, medium (hidden 1024, 8 layers) or qwen3-4b (GPU).")]
+    = "medium",
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer variants and repeats (under 3 minutes on CPU).")]
+    = False,
+    json_file: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")]
+    = None,
+    force: Annotated[bool, typer.Option("--force", help="Run a GPU-sized shape on CPU anyway.")] = False,
+    message_tokens: Annotated[int | None, typer.Option(
+        min=1, help="Tokens per text-channel message (default 256, 128 with --quick).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch (default: torch's choice).")] = None,
+) -> None:
+    """Measure side by side in one run: patched vs plain decode, batched sender encoding, the
+    generator, and end to end per channel; prints a table and the headline ratios."""
+    import json
+
+    import torch
+    from rich.console import Console
+
+    from tflow.bench import run_bench, table
+    from tflow.io import atomic_write_text
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    result = run_bench(shape, quick, force=force, message_tokens=message_tokens)
+    Console().print(table(result))
+    typer.echo(f"patch_overhead {result['patch_overhead']:.3f} · weights_vs_none {result['weights_vs_none']:.3f}"
+               f" · text_vs_weights {result['text_vs_weights']:.2f}")
+    if json_file is not None:
+        atomic_write_text(json_file, json.dumps(result, indent=2) + "\n")
+        typer.echo(f"wrote {json_file}")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,277 @@
+"""Benchmarks measured side by side in one run: patched decode, sender encoding, generators, channels.
+
+Models are randomly initialised at the named shape (timings need shapes, not trained weights) and
+never end a turn early (their EOS tokens are suppressed), so every variant generates the same
+number of tokens. The variants compared run in interleaved rounds whose order flips every round,
+so drift on a shared machine hits them alike; a ratio is the median of its per-round ratios.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+import tflow
+from tflow import tiny
+from tflow.agents import Receiver, Sender
+from tflow.delta import LoRADelta
+from tflow.encoding import encode
+from tflow.errors import BenchError
+from tflow.hypernetwork import Hypernetwork
+from tflow.patching import patched
+from tflow.spec import ReceiverSpec
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+SHAPES: dict[str, dict[str, int]] = {
+    "tiny": {},
+    "medium": dict(hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=8, intermediate_size=2816),
+    "qwen3-4b": dict(hidden_size=2560, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+                     intermediate_size=9728),
+}
+GPU_SHAPES = ("qwen3-4b",)
+GENERATOR_KINDS = ("param_tokens", "mlp")
+ROLES = ("You are a strategist: say how to approach the task, not the answer.",
+         "You are a knowledge extractor: list the facts and constraints, do not solve.",
+         "You are a critic: point out what could go wrong.")
+QUERIES = ("What is the secret code of the city?", "The answer is 12. What is 12 plus 5?",
+           "Read this document and pass on what matters.", "Which animal is the color of the city?")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures: decode grid (batch, rank), lengths in tokens, queries, rounds per comparison.
+
+    prompt_tokens and new_tokens size the decode runs; answer_tokens is what the receiver generates
+    end to end on every channel (communicate's default budget is 64) and message_tokens what each
+    sender writes on the text channel.
+    """
+
+    decode_grid: tuple[tuple[int, int], ...]
+    prompt_tokens: int
+    new_tokens: int
+    answer_tokens: int
+    message_tokens: int
+    queries: int
+    repeats: int
+
+    @classmethod
+    def make(cls, quick: bool, message_tokens: int | None = None, repeats: int | None = None) -> Plan:
+        if quick:
+            plan = cls(((8, 8), (1, 8)), 32, 16, 64, 128, 2, 3)
+        else:
+            plan = cls(tuple((b, r) for b in (1, 8, 32) for r in (4, 8, 16)), 64, 32, 128, 256, 4, 5)
+        return replace(plan, message_tokens=message_tokens or plan.message_tokens, repeats=repeats or plan.repeats)
+
+
+def run_bench(shape: str = "medium", quick: bool = False, *, device: str | None = None,
+              force: bool = False, message_tokens: int | None = None, repeats: int | None = None) -> dict:
+    """Measure decode, encoding, generator and channel costs on a random model of `shape`.
+
+    Returns a JSON-ready dict with `patch_overhead` (patched/plain decode, batch 8, rank 8),
+    `weights_vs_none` and `text_vs_weights` (end-to-end time ratios), the raw timings and the machine.
+
+    Raises:
+        BenchError: unknown shape, or a GPU-sized shape on CPU without `force`.
+    """
+    if shape not in SHAPES:
+        raise BenchError(f"unknown shape {shape!r}; choose one of: {', '.join(SHAPES)}")
+    where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if shape in GPU_SHAPES and where.type == "cpu" and not force:
+        raise BenchError(f"shape {shape!r} is sized for a GPU (bf16) and would take hours on CPU; "
+                         "run it where CUDA is available, or force it (--force)")
+    plan = Plan.make(quick, message_tokens, repeats)
+    dtype = torch.bfloat16 if where.type == "cuda" else torch.float32
+    info = machine(where, dtype)
+    tok = tiny.tokenizer()
+    model = bench_model(tok, SHAPES[shape], where, dtype)
+    plain = copy.deepcopy(model)  # an identical twin that is never patched, so it has no hooks
+    decode = [measure_decode(model, plain, len(tok), batch=b, rank=r, prompt_tokens=plan.prompt_tokens,
+                             new_tokens=plan.new_tokens, repeats=plan.repeats) for b, r in plan.decode_grid]
+    del plain
+    queries = QUERIES[: plan.queries]
+    encoding = measure_encoding(model, tok, queries, plan.repeats)
+    generators = measure_generators(model, tok, queries, plan.repeats)
+    channels = measure_channels(model, tok, queries, plan, _hypernet(model, GENERATOR_KINDS[0], 2))
+    weights_s = channels["weights"]["seconds"]
+    own_s = generators[GENERATOR_KINDS[0]]["seconds"]
+    for g in generators.values():  # the share each kind would take in place of the channel's own generator
+        g["share"] = g["seconds"] / (weights_s - own_s + g["seconds"])
+    headline = next(d for d in decode if (d["batch"], d["rank"]) == (8, 8))
+    info["load_average_1m_after"] = os.getloadavg()[0]
+    return {
+        "patch_overhead": headline["ratio"],
+        "weights_vs_none": channels.pop("weights_vs_none"),
+        "text_vs_weights": channels.pop("text_vs_weights"),
+        "shape": shape, "quick": quick, "plan": asdict(plan),
+        "model": {k: getattr(model.config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                         "num_key_value_heads", "head_dim", "intermediate_size")},
+        "machine": info,
+        "decode": decode, "encoding": encoding, "generator": generators, "channels": channels,
+    }
+
+
+def bench_model(tok, shape: dict[str, int], device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A random Qwen3-layout model of `shape` on `device` whose generate() never stops before its budget."""
+    with torch.device(device):
+        model = tiny.model(tok, dtype=dtype, max_positions=4096, **shape)
+    model.generation_config.suppress_tokens = [tok.eos_token_id]
+    return model
+
+
+def measure_decode(model: nn.Module, plain: nn.Module, vocab: int, *, batch: int, rank: int,
+                   prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
+    """Greedy generate() with a random delta on every targeted linear of `model` vs its unpatched twin `plain`."""
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    delta = LoRADelta({m.name: (torch.randn(batch, rank, m.in_features, generator=g) * 0.02,
+                                torch.randn(batch, m.out_features, rank, generator=g) * 0.02)
+                       for m in ReceiverSpec.from_model(model).modules}, scale=2.0).to(device)
+    ids = torch.randint(3, vocab, (batch, prompt_tokens), generator=g).to(device)
+    settings = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.generation_config.pad_token_id)
+
+    def run_plain() -> None:
+        with torch.no_grad():
+            plain.generate(**settings)
+
+    def run_patched() -> None:
+        with patched(model, delta), torch.no_grad():
+            model.generate(**settings)
+
+    times = interleaved({"plain": run_plain, "patched": run_patched}, repeats)
+    return {"batch": batch, "rank": rank, "plain_s": statistics.median(times["plain"]),
+            "patched_s": statistics.median(times["patched"]), "ratio": ratio(times["patched"], times["plain"])}
+
+
+def measure_encoding(model: nn.Module, tok, queries: Sequence[str], repeats: int) -> dict:
+    """Three senders' states in one batched forward (tflow.encoding.encode) vs one forward per sender."""
+    senders = _senders(model, tok, 3)
+    times = interleaved({"batched": lambda: encode(senders, queries),
+                         "per_sender": lambda: [encode([s], queries) for s in senders]}, repeats)
+    return {"senders": len(senders), "queries": len(queries), "batched_s": statistics.median(times["batched"]),
+            "per_sender_s": statistics.median(times["per_sender"]),
+            "speedup": ratio(times["per_sender"], times["batched"])}
+
+
+def measure_generators(model: nn.Module, tok, queries: Sequence[str], repeats: int) -> dict[str, dict]:
+    """Seconds of the weights channel's generator stage (aggregation, generator, fusion) per generator kind."""
+    states = encode(_senders(model, tok, 2), queries)
+    nets = {kind: _hypernet(model, kind, 2) for kind in GENERATOR_KINDS}
+
+    def forward(net: Hypernetwork) -> None:
+        with torch.no_grad():
+            net(states)
+
+    times = interleaved({kind: functools.partial(forward, net) for kind, net in nets.items()}, repeats)
+    return {kind: {"seconds": statistics.median(t)} for kind, t in times.items()}
+
+
+def measure_channels(model: nn.Module, tok, queries: Sequence[str], plan: Plan, generator: Hypernetwork) -> dict:
+    """End to end tflow.communicate per channel with two senders, every receiver generating the same length."""
+    senders = _senders(model, tok, 2)
+    receiver = Receiver(model, tok, "You are the executor.", generator=generator, name="executor")
+    replies: dict[str, list] = {}
+
+    def run(channel: str) -> None:
+        replies[channel] = tflow.communicate(senders, receiver, list(queries), channel=channel,
+                                             max_new_tokens=plan.answer_tokens,
+                                             message_tokens=plan.message_tokens)
+
+    # No warm-up round: the model is warm from the decode runs, and one text round costs a lot.
+    variants = {ch: functools.partial(run, ch) for ch in ("none", "text", "weights")}
+    times = interleaved(variants, plan.repeats, warmup=False)
+    out: dict = {ch: {"seconds": statistics.median(t), "last_round_stages": dict(replies[ch][0].timings),
+                      "receiver_tokens": sum(r.usage.by_agent[receiver.name].generated_tokens for r in replies[ch]),
+                      "total_tokens": sum(r.usage.total_tokens for r in replies[ch])} for ch, t in times.items()}
+    out["weights_vs_none"] = ratio(times["weights"], times["none"])
+    out["text_vs_weights"] = ratio(times["text"], times["weights"])
+    return out
+
+
+def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: bool = True) -> dict[str, list[float]]:
+    """Wall seconds of every variant in each of `repeats` rounds (after a warm-up call each); order flips per round."""
+    for fn in variants.values() if warmup else ():
+        fn()
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(_timed(variants[name]))
+    return times
+
+
+def ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """Median of the per-round ratios numerator[i] / denominator[i]."""
+    return statistics.median(n / d for n, d in zip(numerator, denominator, strict=True))
+
+
+def machine(device: torch.device, dtype: torch.dtype) -> dict:
+    """Where the figures are measured: device, dtype, CPU threads, load average now, library versions."""
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"device": str(device), "name": name, "dtype": str(dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def table(result: dict) -> Table:
+    """`run_bench`'s result as a rich Table: each timing beside its baseline, the headline ratios last."""
+    from rich.table import Table
+
+    m = result["machine"]
+    out = Table(title=f"tflow bench: {result['shape']}{' --quick' if result['quick'] else ''} on {m['name']} "
+                      f"({m['device']}, {m['dtype']}, {m['threads']} threads, torch {m['torch']})")
+    for column in ("measure", "seconds", "baseline seconds", "ratio"):
+        out.add_column(column, justify="left" if column == "measure" else "right")
+    for d in result["decode"]:
+        out.add_row(f"decode batch {d['batch']} rank {d['rank']}: patched vs plain", f"{d['patched_s']:.3f}",
+                    f"{d['plain_s']:.3f}", f"{d['ratio']:.3f}")
+    e = result["encoding"]
+    out.add_row(f"encode {e['senders']} senders: one forward each vs batched", f"{e['per_sender_s']:.3f}",
+                f"{e['batched_s']:.3f}", f"{e['speedup']:.2f}")
+    for kind, g in result["generator"].items():
+        out.add_row(f"generator {kind}: share of weights end to end", f"{g['seconds']:.3f}", "", f"{g['share']:.1%}")
+    for channel, c in result["channels"].items():
+        out.add_row(f"end to end {channel} ({c['receiver_tokens']} receiver tokens)", f"{c['seconds']:.3f}", "", "")
+    out.add_section()
+    for key in ("patch_overhead", "weights_vs_none", "text_vs_weights"):
+        out.add_row(key, "", "", f"{result[key]:.3f}")
+    return out
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - start
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _senders(model: nn.Module, tok, n: int) -> list[Sender]:
+    return [Sender(model, tok, ROLES[i], name=f"sender{i}") for i in range(n)]
+
+
+def _hypernet(model: nn.Module, kind: str, num_senders: int) -> Hypernetwork:
+    """A fresh rank-4 generator of `kind` (d_model 128) for `model`, on its device."""
+    cfg = model.config
+    net = Hypernetwork(ReceiverSpec.from_model(model), {"kind": kind, "rank": 4, "d_model": 128, "depth": 2, "heads": 4},
+                       num_senders, cfg.num_hidden_layers + 1, cfg.hidden_size)
+    return net.to(next(model.parameters()).device).eval()
