@@ -60,8 +60,10 @@ def hypernet(model, num_senders, kind="mlp", seed=None, std=0.3):
     from tflow import Hypernetwork, ReceiverSpec
 
     spec = ReceiverSpec.from_model(model)
-    net = Hypernetwork(spec, {"kind": kind, "rank": 2, "d_model": 32, "depth": 1, "heads": 2},
-                       num_senders, model.config.num_hidden_layers + 1, model.config.hidden_size)
+    with torch.random.fork_rng():  # the same initial weights whatever ran before
+        torch.manual_seed(0)
+        net = Hypernetwork(spec, {"kind": kind, "rank": 2, "d_model": 32, "depth": 1, "heads": 2},
+                           num_senders, model.config.num_hidden_layers + 1, model.config.hidden_size)
     if seed is not None:
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
