@@ -141,7 +141,7 @@ def _text(senders, receiver, queries, settings, names, message_tokens, contexts)
     replies = []
     for q, text in enumerate(out.texts):
         ledgers[q][receiver.name] = _usage(receiver, out.prompt_tokens[q], out.generated_tokens[q])
-        sent = sum(len(ids) for ids in token_ids(receiver.tokenizer, list(messages[q].values()))) if messages[q] else 0
+        sent = sum(len(ids) for ids in token_ids(receiver.tokenizer, list(messages[q].values())))
         nbytes = sent * _token_id_bytes(receiver.tokenizer)
         replies.append(Reply(text, "text", Usage(ledgers[q]), message_bytes=nbytes, messages=dict(messages[q]),
                              **stages.measured))

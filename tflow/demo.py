@@ -73,7 +73,6 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings = DemoSetting
     Raises:
         TflowError subclasses for a bad recipe or an unwritable `out`.
     """
-    import torch
     from rich.progress import Progress
     from transformers.utils import logging as hf_logging
 
@@ -115,7 +114,6 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings = DemoSetting
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
     del model
-    torch.manual_seed(recipe.seed)
     recipe = load_recipe(recipe_path, [*overrides, f"model.path={out / 'model'}"])
 
     say(f"[3/4] training the {recipe.generator.kind} generator on Lightning ({recipe.train.max_steps} steps); "
