@@ -102,6 +102,9 @@ def test_one_forward_per_distinct_sender_backbone(qwen, tok):
     receiver = Receiver(receiver_model, tok, generator=hypernet(receiver_model, 3, seed=4))
     try:
         communicate(senders, receiver, QUERIES, max_new_tokens=2)
+        assert calls == {"shared": 3, "other": 2}  # each role prefix once, then one forward per backbone
+        calls.update(shared=0, other=0)
+        communicate(senders, receiver, QUERIES, max_new_tokens=2)
     finally:
         for h in handles:
             h.remove()

@@ -42,6 +42,7 @@ SHAPES: dict[str, dict[str, int]] = {
 }
 GPU_SHAPES = ("qwen3-4b",)
 GENERATOR_KINDS = ("param_tokens", "mlp")
+CHEAP_ROUNDS = 3
 ROLES = ("You are a strategist: say how to approach the task, not the answer.",
          "You are a knowledge extractor: list the facts and constraints, do not solve.",
          "You are a critic: point out what could go wrong.")
@@ -156,13 +157,17 @@ def measure_decode(model: nn.Module, plain: nn.Module, vocab: int, *, batch: int
 
 
 def measure_encoding(model: nn.Module, tok, queries: Sequence[str], repeats: int) -> dict:
-    """Three senders' states in one batched forward (tflow.encoding.encode) vs one forward per sender."""
+    """Three senders' states: one batched forward with role prefixes reused (tflow.encoding.encode)
+    vs one forward per sender, and vs the whole prompts prefilled (reuse_prefixes=False)."""
     senders = _senders(model, tok, 3)
     times = interleaved({"batched": lambda: encode(senders, queries),
-                         "per_sender": lambda: [encode([s], queries) for s in senders]}, repeats)
+                         "per_sender": lambda: [encode([s], queries) for s in senders],
+                         "full_prompts": lambda: encode(senders, queries, reuse_prefixes=False)}, repeats)
     return {"senders": len(senders), "queries": len(queries), "batched_s": statistics.median(times["batched"]),
             "per_sender_s": statistics.median(times["per_sender"]),
-            "speedup": ratio(times["per_sender"], times["batched"])}
+            "full_prompts_s": statistics.median(times["full_prompts"]),
+            "speedup": ratio(times["per_sender"], times["batched"]),
+            "prefix_speedup": ratio(times["full_prompts"], times["batched"])}
 
 
 def measure_generators(model: nn.Module, tok, queries: Sequence[str], repeats: int) -> dict[str, dict]:
@@ -190,13 +195,18 @@ def measure_channels(model: nn.Module, tok, queries: Sequence[str], plan: Plan, 
                                              message_tokens=plan.message_tokens)
 
     # No warm-up round: the model is warm from the decode runs, and one text round costs a lot.
+    # none and weights are cheap and their ratio is the tight one, so they get CHEAP_ROUNDS times the rounds.
     variants = {ch: functools.partial(run, ch) for ch in ("none", "text", "weights")}
     times = interleaved(variants, plan.repeats, warmup=False)
-    out: dict = {ch: {"seconds": statistics.median(t), "last_round_stages": dict(replies[ch][0].timings),
+    more = interleaved({ch: variants[ch] for ch in ("none", "weights")}, plan.repeats * (CHEAP_ROUNDS - 1), warmup=False)
+    for ch, t in more.items():
+        times[ch] += t
+    out: dict = {ch: {"seconds": statistics.median(t), "rounds": len(t),
+                      "last_round_stages": dict(replies[ch][0].timings),
                       "receiver_tokens": sum(r.usage.by_agent[receiver.name].generated_tokens for r in replies[ch]),
                       "total_tokens": sum(r.usage.total_tokens for r in replies[ch])} for ch, t in times.items()}
     out["weights_vs_none"] = ratio(times["weights"], times["none"])
-    out["text_vs_weights"] = ratio(times["text"], times["weights"])
+    out["text_vs_weights"] = ratio(times["text"], times["weights"][:plan.repeats])
     return out
 
 
@@ -242,6 +252,8 @@ def table(result: dict) -> Table:
     e = result["encoding"]
     out.add_row(f"encode {e['senders']} senders: one forward each vs batched", f"{e['per_sender_s']:.3f}",
                 f"{e['batched_s']:.3f}", f"{e['speedup']:.2f}")
+    out.add_row("encode: whole prompts vs role prefixes reused", f"{e['full_prompts_s']:.3f}",
+                f"{e['batched_s']:.3f}", f"{e['prefix_speedup']:.2f}")
     for kind, g in result["generator"].items():
         out.add_row(f"generator {kind}: share of weights end to end", f"{g['seconds']:.3f}", "", f"{g['share']:.1%}")
     for channel, c in result["channels"].items():

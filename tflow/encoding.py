@@ -6,10 +6,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from transformers import DynamicCache
 
 from tflow.agents import Sender
 from tflow.errors import ModelLoadError
+from tflow.patching import is_patched
+from tflow.prefix import Prefix, common_length, prefix_text, prefixes
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str, device=None) -> tuple[Tensor, Tensor]:
@@ -45,13 +48,15 @@ class SenderStates:
 
 
 def encode(senders: Sequence[Sender], queries: Sequence[str],
-           contexts: Sequence[Sequence[str | None]] | None = None) -> SenderStates:
+           contexts: Sequence[Sequence[str | None]] | None = None, *, reuse_prefixes: bool = True) -> SenderStates:
     """Run all senders on all queries: one no-grad forward per distinct backbone, no LM head.
 
     contexts[s][q], when given and not None, is sender s's private document for query q.
 
     Senders that share a model object share its forward. Right padding keeps every real
-    position's computation independent of padding and of batchmates.
+    position's computation independent of padding and of batchmates. With `reuse_prefixes`,
+    each sender's role prompt (and own context) is prefilled once per backbone and kept
+    (tflow.prefix); only the rest of each prompt runs, unless the backbone is training or patched.
 
     Raises:
         ModelLoadError: sender backbones disagree on hidden size or layer count.
@@ -65,11 +70,11 @@ def encode(senders: Sequence[Sender], queries: Sequence[str],
         texts = [senders[i].prompt(q, contexts[i][j] if contexts else None)
                  for i in members for j, q in enumerate(queries)]
         seqs = token_ids(tokenizer, texts)
-        device = next(model.parameters()).device
-        ids, mask = pad_batch(seqs, tokenizer.pad_token_id, "right", device)
-        with torch.no_grad():
-            out = model.base_model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True, use_cache=False)
-        hidden = torch.stack(out.hidden_states).masked_fill(~mask[None, :, :, None], 0.0)
+        if reuse_prefixes and _caches_prefixes(model):
+            kept = prefixes(model, [tuple(ids) for ids in token_ids(tokenizer, [prefix_text(senders[i]) for i in members])])
+            hidden, mask = _forward_after(model, seqs, [p for p in kept for _ in queries], tokenizer.pad_token_id)
+        else:
+            hidden, mask = _forward(model, seqs, tokenizer.pad_token_id)
         for j, i in enumerate(members):
             block = slice(j * len(queries), (j + 1) * len(queries))
             rows[i] = (hidden[:, block], mask[block])
@@ -80,6 +85,61 @@ def encode(senders: Sequence[Sender], queries: Sequence[str],
     hidden = torch.cat([_pad_right(rows[i][0], width, 2) for i in range(len(senders))], dim=1)
     mask = torch.cat([_pad_right(rows[i][1], width, 1) for i in range(len(senders))], dim=0)
     return SenderStates(hidden, mask, mask.sum(-1), len(senders), len(queries))
+
+
+def _caches_prefixes(model: nn.Module) -> bool:
+    """Whether prefix states may be reused: not while training (HF gradient checkpointing drops a
+    past cache) and not while a delta is patched in (the states would carry it)."""
+    return not model.training and not is_patched(model)
+
+
+def _forward(model: nn.Module, seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Every layer's states of right-padded `seqs`: hidden [layers + 1, N, T, H] (padding zero), mask [N, T]."""
+    ids, mask = pad_batch(seqs, pad_id, "right", next(model.parameters()).device)
+    with torch.no_grad():
+        out = model.base_model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True, use_cache=False)
+    return torch.stack(out.hidden_states).masked_fill(~mask[None, :, :, None], 0.0), mask
+
+
+def _forward_after(model: nn.Module, seqs: list[list[int]], prefixes: list[Prefix], pad_id: int) -> tuple[Tensor, Tensor]:
+    """As `_forward`, but each row reuses the states of its leading tokens shared with its prefix.
+
+    The rows' kept prefixes (lengths differ) are left-padded into one past cache, the rest of every
+    row runs right-padded on top of it at its true positions, and the two parts are joined back.
+    """
+    keep = [min(common_length(seq, p.ids), len(seq) - 1) for seq, p in zip(seqs, prefixes, strict=True)]
+    past = max(keep)
+    if past == 0:
+        return _forward(model, seqs, pad_id)
+    device = next(model.parameters()).device
+    ids, rest = pad_batch([seq[k:] for seq, k in zip(seqs, keep, strict=True)], pad_id, "right", device)
+    n, width = ids.shape
+    first = prefixes[0]
+    keys = first.keys.new_zeros(first.keys.shape[0], n, first.keys.shape[1], past, first.keys.shape[3])
+    values = torch.zeros_like(keys)
+    hidden = first.hidden.new_zeros(first.hidden.shape[0], n, past + width, first.hidden.shape[-1])
+    seen = torch.zeros(n, past, dtype=torch.bool, device=device)
+    spans: dict[tuple[int, int], list[int]] = {}
+    for r, (p, k) in enumerate(zip(prefixes, keep, strict=True)):
+        spans.setdefault((id(p), k), []).append(r)
+    by_id = {id(p): p for p in prefixes}
+    for (key, k), members in spans.items():
+        p, at = by_id[key], torch.tensor(members, device=device)
+        keys[:, at, :, past - k:] = p.keys[:, None, :, :k]
+        values[:, at, :, past - k:] = p.values[:, None, :, :k]
+        hidden[:, at, :k] = p.hidden[:, None, :k]
+        seen[at, past - k:] = True
+    cache = DynamicCache(ddp_cache_data=list(zip(keys, values, strict=True)), config=model.config)
+    positions = torch.tensor(keep, device=device)[:, None] + torch.arange(width, device=device)
+    with torch.no_grad():
+        out = model.base_model(input_ids=ids, attention_mask=torch.cat([seen, rest], 1).long(), position_ids=positions,
+                               past_key_values=cache, use_cache=True, output_hidden_states=True)
+    tail = torch.stack(out.hidden_states)
+    for (_, k), members in spans.items():
+        at = torch.tensor(members, device=device)
+        hidden[:, at, k:k + width] = tail[:, at]
+    _, mask = pad_batch(seqs, pad_id, "right", device)
+    return hidden[:, :, :mask.shape[1]].masked_fill(~mask[None, :, :, None], 0.0), mask
 
 
 def _pad_right(t: Tensor, width: int, dim: int) -> Tensor:

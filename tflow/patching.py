@@ -142,6 +142,12 @@ def slot(model: nn.Module) -> _Slot:
         return found
 
 
+def is_patched(model: nn.Module) -> bool:
+    """Whether a delta is attached to `model` now."""
+    found = _SLOTS.get(model)
+    return found is not None and found.delta is not None
+
+
 def attach(model: nn.Module, delta: LoRADelta, *, validate: bool = True) -> None:
     """Put `delta` in the model's slot until `detach`; for loops where backward runs later.
 

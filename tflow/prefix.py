@@ -1,0 +1,106 @@
+"""Sender prefix caching: a role prompt's keys, values and hidden states, computed once per backbone.
+
+A sender reads its role (and its own context) before the query, and causal attention makes the
+states of those positions independent of everything after them. So they are computed once, kept
+per model, and every later encode prefills only the query part on top of them. The prefix is
+always computed on its own, hit or miss, so an encode gives the same numbers whatever the cache
+holds. The cache is dropped when any parameter or buffer of the model changes: moved, replaced
+or edited in place (optimizer steps, load_state_dict).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from tflow.agents import Sender
+
+MAX_PREFIXES = 32  # per model, least recently used dropped first
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """One prefix's states. keys, values: [layers, kv_heads, P, head_dim]; hidden: [layers + 1, P, H]."""
+
+    ids: tuple[int, ...]
+    keys: Tensor
+    values: Tensor
+    hidden: Tensor
+
+
+def prefix_text(sender: Sender) -> str:
+    """The chat text every prompt of `sender` starts with (with its own context): up to the query."""
+    return os.path.commonprefix([sender.prompt("x"), sender.prompt("y")])
+
+
+def common_length(seq, ids) -> int:
+    """How many leading tokens two id sequences share."""
+    n = 0
+    for a, b in zip(seq, ids):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+class _ModelCache:
+    def __init__(self, stamp: tuple):
+        self.stamp = stamp
+        self.entries: OrderedDict[tuple[int, ...], Prefix] = OrderedDict()
+
+
+_CACHES: weakref.WeakKeyDictionary[nn.Module, _ModelCache] = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def prefixes(model: nn.Module, id_lists: list[tuple[int, ...]]) -> list[Prefix]:
+    """The states of each token-id tuple on `model`'s decoder stack, from the cache or computed and kept."""
+    stamp = _stamp(model)
+    with _LOCK:
+        cache = _CACHES.get(model)
+        if cache is None or cache.stamp != stamp:
+            cache = _CACHES[model] = _ModelCache(stamp)
+    found = []
+    for ids in id_lists:
+        with _LOCK:
+            hit = cache.entries.get(ids)
+            if hit is not None:
+                cache.entries.move_to_end(ids)
+        if hit is None:
+            hit = _compute(model, ids)
+            with _LOCK:
+                cache.entries[ids] = hit
+                while len(cache.entries) > MAX_PREFIXES:
+                    cache.entries.popitem(last=False)
+        found.append(hit)
+    return found
+
+
+def clear(model: nn.Module) -> None:
+    """Forget every prefix kept for `model`."""
+    with _LOCK:
+        _CACHES.pop(model, None)
+
+
+def _compute(model: nn.Module, ids: tuple[int, ...]) -> Prefix:
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.base_model(input_ids=torch.tensor([ids], device=device), use_cache=True,
+                               output_hidden_states=True)
+    layers = out.past_key_values.layers
+    return Prefix(ids, torch.stack([layer.keys[0] for layer in layers]),
+                  torch.stack([layer.values[0] for layer in layers]),
+                  torch.stack(out.hidden_states)[:, 0])
+
+
+def _stamp(model: nn.Module) -> tuple:
+    # Tensor._version counts in-place writes; torch has no public equivalent, and a stale prefix
+    # would silently change every answer, so this reads it.
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in itertools.chain(model.parameters(), model.buffers()))
