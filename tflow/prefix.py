@@ -43,7 +43,7 @@ def prefix_text(sender: Sender) -> str:
 def common_length(seq, ids) -> int:
     """How many leading tokens two id sequences share."""
     n = 0
-    for a, b in zip(seq, ids):
+    for a, b in zip(seq, ids, strict=False):  # lengths differ by design
         if a != b:
             break
         n += 1
