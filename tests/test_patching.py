@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import merged_copy, random_delta
 
-from tflow import LoRADelta, ReceiverSpec, patched
+from tflow import LoRADelta, ReceiverSpec, patched, tiny
 from tflow.errors import DeltaError, PatchError
 from tflow.patching import attach, detach
 
@@ -61,6 +61,7 @@ def test_row0_matches_peft_lora(qwen, tok):
     dict(),
     dict(num_beams=2),
     dict(num_beams=2, num_return_sequences=2),
+    dict(cache_implementation="static"),
 ])
 def test_generate_matches_merged_per_row(qwen, tok, settings):
     ids, mask = batch(tok, PROMPTS[:3])
@@ -280,3 +281,24 @@ def test_expanded_batches_switch_back_and_forth_within_one_patch():
         outs = [model(x), model(x.repeat_interleave(3, 0)), model(x)]
     assert torch.allclose(outs[1], outs[0].repeat_interleave(3, 0), atol=1e-6)
     assert torch.equal(outs[2], outs[0])
+
+
+@pytest.mark.slow  # compiling takes about a minute on a CPU
+def test_a_compiled_model_follows_whatever_the_slot_holds(tok):
+    model = tiny.model(tok, hidden_size=64, num_layers=2, seed=5)
+    ids, mask = batch(tok)
+    first, second = random_delta(model, batch=4, seed=1), random_delta(model, batch=4, seed=2)
+
+    def logits(module, delta):
+        with torch.no_grad():
+            if delta is None:
+                return module(input_ids=ids, attention_mask=mask).logits
+            with patched(model, delta):
+                return module(input_ids=ids, attention_mask=mask).logits
+
+    compiled = torch.compile(model)
+    logits(compiled, None)  # traced before the model has any hook
+    eager = {name: logits(model, d) for name, d in (("first", first), ("second", second), ("none", None))}
+    for name, d in (("first", first), ("second", second), ("none", None), ("first", first)):
+        torch.testing.assert_close(logits(compiled, d), eager[name], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(eager["first"], eager["none"])

@@ -8,11 +8,14 @@ Attaching lays each module's factors out once (contiguous A and Bᵀ in the modu
 a call costs one dict lookup and two matmuls; under no_grad the update is added in place.
 Persistent hooks matter twice over: gradient checkpointing re-runs the forward during
 backward, after a `with` block would already have removed per-call hooks, and a compiled
-graph keeps the hooks that existed when it was traced.
+graph keeps the hooks that existed when it was traced. torch.compile does not guard on hooks,
+so installing new ones resets its caches: a model compiled before its first patch is retraced
+with them instead of silently running without its delta.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -72,9 +75,11 @@ class _Slot:
         self._live: dict[str, _Factors] = {}
 
     def install(self, names) -> None:
-        for name in names:
-            if name not in self._handles:
-                self._handles[name] = self._modules[name].register_forward_hook(self._hook(name))
+        new = [name for name in names if name not in self._handles]
+        for name in new:
+            self._handles[name] = self._modules[name].register_forward_hook(self._hook(name))
+        if new and "torch._dynamo" in sys.modules:  # nothing was compiled if dynamo was never loaded
+            torch.compiler.reset()
 
     def attach(self, delta: LoRADelta) -> None:
         if not self._lock.acquire(blocking=False):
