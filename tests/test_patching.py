@@ -296,6 +296,8 @@ def test_a_compiled_model_follows_whatever_the_slot_holds(tok):
             with patched(model, delta):
                 return module(input_ids=ids, attention_mask=mask).logits
 
+    twin = copy.deepcopy(model)
+    torch.compile(twin)(input_ids=ids, attention_mask=mask)  # a graph of the same architecture, never patched
     compiled = torch.compile(model)
     logits(compiled, None)  # traced before the model has any hook
     eager = {name: logits(model, d) for name, d in (("first", first), ("second", second), ("none", None))}

@@ -8,14 +8,14 @@ Attaching lays each module's factors out once (contiguous A and Bᵀ in the modu
 a call costs one dict lookup and two matmuls; under no_grad the update is added in place.
 Persistent hooks matter twice over: gradient checkpointing re-runs the forward during
 backward, after a `with` block would already have removed per-call hooks, and a compiled
-graph keeps the hooks that existed when it was traced. torch.compile does not guard on hooks,
-so installing new ones resets its caches: a model compiled before its first patch is retraced
-with them instead of silently running without its delta.
+graph keeps the hooks that existed when it was traced. By default torch.compile does not guard
+on hooks, and would run a graph traced without them (this model before its first patch, or an
+unpatched twin of the same architecture) with no delta; installing hooks turns those guards on
+and drops the graphs traced before.
 """
 
 from __future__ import annotations
 
-import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -78,8 +78,8 @@ class _Slot:
         new = [name for name in names if name not in self._handles]
         for name in new:
             self._handles[name] = self._modules[name].register_forward_hook(self._hook(name))
-        if new and "torch._dynamo" in sys.modules:  # nothing was compiled if dynamo was never loaded
-            torch.compiler.reset()
+        if new:
+            _guard_hooks_when_compiled()
 
     def attach(self, delta: LoRADelta) -> None:
         if not self._lock.acquire(blocking=False):
@@ -126,6 +126,18 @@ class _Slot:
             return out.squeeze(1) if flat else out
 
         return hook
+
+
+def _guard_hooks_when_compiled() -> None:
+    """Make torch.compile guard on module hooks, and drop the graphs traced without them.
+
+    `skip_nnmodule_hook_guards` is the documented switch (torch.compiler_nn_module); it is on
+    by default for speed, which would let a graph without our hooks run on a patched model.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    torch.compiler.reset()
 
 
 def _dtype(module: nn.Module, a: Tensor) -> torch.dtype:
