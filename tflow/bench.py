@@ -42,7 +42,6 @@ SHAPES: dict[str, dict[str, int]] = {
 }
 GPU_SHAPES = ("qwen3-4b",)
 GENERATOR_KINDS = ("param_tokens", "mlp")
-CHEAP_ROUNDS = 3
 ROLES = ("You are a strategist: say how to approach the task, not the answer.",
          "You are a knowledge extractor: list the facts and constraints, do not solve.",
          "You are a critic: point out what could go wrong.")
@@ -56,7 +55,9 @@ class Plan:
 
     prompt_tokens and new_tokens size the decode runs; answer_tokens is what the receiver generates
     end to end on every channel (communicate's default budget is 64) and message_tokens what each
-    sender writes on the text channel.
+    sender writes on the text channel. The text channel runs `repeats` rounds; the cheap
+    comparisons (decode, none vs weights) run `cheap_repeats`, since their ratios are the tight ones
+    and a shared machine's noise is a few percent per round.
     """
 
     decode_grid: tuple[tuple[int, int], ...]
@@ -66,14 +67,16 @@ class Plan:
     message_tokens: int
     queries: int
     repeats: int
+    cheap_repeats: int
 
     @classmethod
     def make(cls, quick: bool, message_tokens: int | None = None, repeats: int | None = None) -> Plan:
+        rounds = repeats or (3 if quick else 5)
         if quick:
-            plan = cls(((8, 8), (1, 8)), 32, 16, 64, 128, 2, 3)
+            plan = cls(((8, 8), (1, 8)), 32, 16, 64, 128, 2, rounds, 3 * rounds)
         else:
-            plan = cls(tuple((b, r) for b in (1, 8, 32) for r in (4, 8, 16)), 64, 32, 128, 256, 4, 5)
-        return replace(plan, message_tokens=message_tokens or plan.message_tokens, repeats=repeats or plan.repeats)
+            plan = cls(tuple((b, r) for b in (1, 8, 32) for r in (4, 8, 16)), 64, 32, 128, 256, 4, rounds, rounds)
+        return replace(plan, message_tokens=message_tokens or plan.message_tokens)
 
 
 def run_bench(shape: str = "medium", quick: bool = False, *, device: str | None = None,
@@ -97,9 +100,9 @@ def run_bench(shape: str = "medium", quick: bool = False, *, device: str | None 
     info = machine(where, dtype)
     tok = tiny.tokenizer()
     model = bench_model(tok, SHAPES[shape], where, dtype)
-    plain = copy.deepcopy(model)  # an identical twin that is never patched, so it has no hooks
+    plain = hookless_twin(model)
     decode = [measure_decode(model, plain, len(tok), batch=b, rank=r, prompt_tokens=plan.prompt_tokens,
-                             new_tokens=plan.new_tokens, repeats=plan.repeats) for b, r in plan.decode_grid]
+                             new_tokens=plan.new_tokens, repeats=plan.cheap_repeats) for b, r in plan.decode_grid]
     del plain
     queries = QUERIES[: plan.queries]
     encoding = measure_encoding(model, tok, queries, plan.repeats)
@@ -131,9 +134,27 @@ def bench_model(tok, shape: dict[str, int], device: torch.device, dtype: torch.d
     return model
 
 
+def hookless_twin(model: nn.Module) -> nn.Module:
+    """A second model object on the very same weight tensors, never patched, so without hooks.
+
+    Sharing the memory matters: two copies of the same weights decode at speeds a few percent
+    apart on CPU (allocation and page layout), a bias that a patched/plain ratio between a model
+    and its deepcopy would carry for the whole run.
+    """
+    with torch.device(next(model.parameters()).device):
+        twin = type(model)(model.config)
+    twin.load_state_dict(model.state_dict(), assign=True)
+    twin.tie_weights()  # assigning gave lm_head its own tensor object on the embedding's memory
+    for name, buffer in model.named_buffers():  # the non-persistent ones (rotary frequencies) too
+        owner, _, leaf = name.rpartition(".")
+        twin.get_submodule(owner).register_buffer(leaf, buffer, persistent=name in model.state_dict())
+    twin.generation_config = copy.deepcopy(model.generation_config)
+    return twin.eval()
+
+
 def measure_decode(model: nn.Module, plain: nn.Module, vocab: int, *, batch: int, rank: int,
                    prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
-    """Greedy generate() with a random delta on every targeted linear of `model` vs its unpatched twin `plain`."""
+    """Greedy generate() with a random delta on every targeted linear of `model` vs `plain`, its hookless twin."""
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
     delta = LoRADelta({m.name: (torch.randn(batch, rank, m.in_features, generator=g) * 0.02,
@@ -195,10 +216,9 @@ def measure_channels(model: nn.Module, tok, queries: Sequence[str], plan: Plan, 
                                              message_tokens=plan.message_tokens)
 
     # No warm-up round: the model is warm from the decode runs, and one text round costs a lot.
-    # none and weights are cheap and their ratio is the tight one, so they get CHEAP_ROUNDS times the rounds.
     variants = {ch: functools.partial(run, ch) for ch in ("none", "text", "weights")}
     times = interleaved(variants, plan.repeats, warmup=False)
-    more = interleaved({ch: variants[ch] for ch in ("none", "weights")}, plan.repeats * (CHEAP_ROUNDS - 1), warmup=False)
+    more = interleaved({ch: variants[ch] for ch in ("none", "weights")}, plan.cheap_repeats - plan.repeats, warmup=False)
     for ch, t in more.items():
         times[ch] += t
     out: dict = {ch: {"seconds": statistics.median(t), "rounds": len(t),
