@@ -174,7 +174,8 @@ def measure_decode(model: nn.Module, plain: nn.Module, vocab: int, *, batch: int
 
     times = interleaved({"plain": run_plain, "patched": run_patched}, repeats)
     return {"batch": batch, "rank": rank, "plain_s": statistics.median(times["plain"]),
-            "patched_s": statistics.median(times["patched"]), "ratio": ratio(times["patched"], times["plain"])}
+            "patched_s": statistics.median(times["patched"]), "ratio": ratio(times["patched"], times["plain"]),
+            "round_seconds": times}
 
 
 def measure_encoding(model: nn.Module, tok, queries: Sequence[str], repeats: int) -> dict:
@@ -221,7 +222,7 @@ def measure_channels(model: nn.Module, tok, queries: Sequence[str], plan: Plan, 
     more = interleaved({ch: variants[ch] for ch in ("none", "weights")}, plan.cheap_repeats - plan.repeats, warmup=False)
     for ch, t in more.items():
         times[ch] += t
-    out: dict = {ch: {"seconds": statistics.median(t), "rounds": len(t),
+    out: dict = {ch: {"seconds": statistics.median(t), "round_seconds": t,
                       "last_round_stages": dict(replies[ch][0].timings),
                       "receiver_tokens": sum(r.usage.by_agent[receiver.name].generated_tokens for r in replies[ch]),
                       "total_tokens": sum(r.usage.total_tokens for r in replies[ch])} for ch, t in times.items()}
