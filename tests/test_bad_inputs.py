@@ -32,7 +32,7 @@ from tflow.errors import (
     TargetError,
     TflowError,
 )
-from tflow.io import read_safetensors, writable_dir
+from tflow.io import read_safetensors, writable_dir, writable_file
 from tflow.recipe import load_recipe
 from tflow.training import train as tflow_train
 
@@ -252,6 +252,12 @@ CASES = [
     Case("train_out_not_writable", ("train", "{recipe}", "train.out_dir={tmp}/file/run"),
          lambda w: train(w.recipe_with("train.out_dir={tmp}/file/run")), OutputError,
          "cannot write to {tmp}/file/run: Not a directory"),
+    Case("bench_json_is_a_folder", ("bench", "--shape", "tiny", "--quick", "--json", "{tmp}"),
+         lambda w: writable_file(w.tmp), OutputError,
+         "cannot write to {tmp}: it is a folder; name a file in it, e.g. {tmp}/bench.json"),
+    Case("bench_json_under_a_file", ("bench", "--shape", "tiny", "--quick", "--json", "{tmp}/file/bench.json"),
+         lambda w: writable_file(w.tmp / "file" / "bench.json"), OutputError,
+         "cannot write to {tmp}/file: it is a file, not a folder; choose a folder you can write to"),
 ]
 
 

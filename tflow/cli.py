@@ -264,8 +264,10 @@ def bench(
     from rich.console import Console
 
     from tflow.bench import run_bench, table
-    from tflow.io import atomic_write_text
+    from tflow.io import atomic_write_text, writable_file
 
+    if json_file is not None:
+        writable_file(json_file)  # fail now, not after minutes of measuring
     if threads is not None:
         torch.set_num_threads(threads)
     result = run_bench(shape, quick, force=force, message_tokens=message_tokens)

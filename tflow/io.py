@@ -44,7 +44,21 @@ def writable_dir(path: str | Path) -> Path:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as err:
-        raise OutputError(f"cannot write to {path}: {err.strerror or err}; choose a folder you can write to") from None
+        why = "it is a file, not a folder" if path.is_file() else err.strerror or err
+        raise OutputError(f"cannot write to {path}: {why}; choose a folder you can write to") from None
+    return path
+
+
+def writable_file(path: str | Path) -> Path:
+    """`path` as a file that can be written (its folder created if missing), checked before long work.
+
+    Raises:
+        OutputError: `path` is a folder, or its folder cannot be created or written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"cannot write to {path}: it is a folder; name a file in it, e.g. {path / 'bench.json'}")
+    writable_dir(path.parent)
     return path
 
 
