@@ -2,8 +2,8 @@ import math
 
 import pytest
 import torch
+from conftest import random_delta
 
-from tflow import LoRADelta, ReceiverSpec, tiny
 from tflow.bench import SHAPES, bench_model, hookless_twin, run_bench, table
 from tflow.errors import BenchError
 from tflow.patching import patched
@@ -32,8 +32,7 @@ def test_unknown_shape_and_gpu_shape_on_cpu_are_refused():
         run_bench("qwen3-4b", quick=True, device="cpu")
 
 
-def test_the_hookless_twin_shares_every_tensor_and_stays_unpatched():
-    tok = tiny.tokenizer()
+def test_the_hookless_twin_shares_every_tensor_and_stays_unpatched(tok):
     model = bench_model(tok, SHAPES["tiny"], torch.device("cpu"), torch.float32)
     twin = hookless_twin(model)
     ours, theirs = dict(model.named_parameters()), dict(twin.named_parameters())
@@ -41,9 +40,7 @@ def test_the_hookless_twin_shares_every_tensor_and_stays_unpatched():
     assert all(ours[k].data_ptr() == theirs[k].data_ptr() for k in ours)
     assert all(a is b for a, b in zip(model.buffers(), twin.buffers(), strict=True))
     ids = torch.randint(3, len(tok), (2, 7), generator=torch.Generator().manual_seed(0))
-    spec = ReceiverSpec.from_model(model)
-    delta = LoRADelta({m.name: (torch.randn(2, 4, m.in_features), torch.randn(2, m.out_features, 4))
-                       for m in spec.modules}, scale=1.0)
+    delta = random_delta(model, batch=2, rank=4, scale=1.0, std=1.0)
     with torch.no_grad():
         before = twin(ids).logits
         with patched(model, delta):
