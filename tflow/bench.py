@@ -143,11 +143,12 @@ def hookless_twin(model: nn.Module) -> nn.Module:
     """
     with torch.device(next(model.parameters()).device):
         twin = type(model)(model.config)
-    twin.load_state_dict(model.state_dict(), assign=True)
+    state = model.state_dict()
+    twin.load_state_dict(state, assign=True)
     twin.tie_weights()  # assigning gave lm_head its own tensor object on the embedding's memory
     for name, buffer in model.named_buffers():  # the non-persistent ones (rotary frequencies) too
         owner, _, leaf = name.rpartition(".")
-        twin.get_submodule(owner).register_buffer(leaf, buffer, persistent=name in model.state_dict())
+        twin.get_submodule(owner).register_buffer(leaf, buffer, persistent=name in state)
     twin.generation_config = copy.deepcopy(model.generation_config)
     return twin.eval()
 
