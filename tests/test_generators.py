@@ -110,7 +110,7 @@ def test_config_is_resolved_serialisable_and_rebuilds(qwen, kind):
     spec = ReceiverSpec.from_model(qwen)
     gen = generators.build({"kind": kind, "d_model": 32, "alpha": 4, "dropout": None}, spec, 64)
     assert gen.config == {"kind": kind, "rank": 4, "alpha": 4.0, "d_model": 32, "depth": 2,
-                          "heads": 4, "dropout": 0.0}
+                          "heads": 4, "dropout": 0.0, "head_scale": 1 / 32}
     assert (gen.rank, gen.alpha, gen.scale) == (4, 4.0, 1.0)
     again = generators.build(json.loads(json.dumps(gen.config)), spec, 64)
     assert again.config == gen.config
@@ -158,3 +158,22 @@ def test_kind_with_two_shapes_is_rejected():
     spec = ReceiverSpec("X", 8, 2, ("q_proj",), (0, 1), modules)
     with pytest.raises(TargetError, match=r"q_proj is \(8, 8\) in one layer but \(8, 16\) in l.1.q"):
         generators.build({"kind": "mlp"}, spec, 8)
+
+
+@pytest.mark.parametrize("d_model", [32, 256])
+def test_one_adam_step_moves_b_by_about_lr_whatever_d_model(qwen, d_model):
+    # The default head_scale (1/d_model) is what keeps a deep receiver's training from diverging:
+    # with head_scale 1 one Adam step moves B entries by ~lr * d_model.
+    spec = ReceiverSpec.from_model(qwen, ["v_proj"], layers=[0])
+    changes = {}
+    for head_scale in (None, 1.0):
+        torch.manual_seed(0)
+        gen = generators.build({"kind": "mlp", "d_model": d_model, "head_scale": head_scale}, spec, 64)
+        opt = torch.optim.Adam(gen.parameters(), lr=1e-3)
+        cond, mask = torch.randn(2, 5, 64), torch.ones(2, 5, dtype=torch.bool)
+        a, b = gen(cond, mask)["model.layers.0.self_attn.v_proj"]
+        (b * torch.randn_like(b)).sum().backward()
+        opt.step()
+        changes[head_scale] = gen(cond, mask)["model.layers.0.self_attn.v_proj"][1].abs().mean().item()
+    assert 1e-4 < changes[None] < 2e-3
+    assert changes[1.0] > 0.2 * d_model * changes[None]

@@ -54,7 +54,8 @@ def load_splits(recipe) -> Splits:
 def relay_splits(recipe) -> tuple[list[Example], list[Example]]:
     """Relay train and held-out test examples for the recipe's `data.relay` settings and sender names."""
     settings = (recipe.data.relay if recipe.data else None) or RelaySection()
-    return relay.split(settings.seed, settings.n_train, settings.n_test, senders=[s.name for s in recipe.senders])
+    return relay.split(settings.seed, settings.n_train, settings.n_test, senders=[s.name for s in recipe.senders],
+                       format=settings.format, facts=settings.facts)
 
 
 def eval_examples(recipe, task: Task, split: str = "test", limit: int | None = None) -> list[Example]:

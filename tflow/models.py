@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from tflow import gguf_models
 from tflow.errors import ModelLoadError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,15 +28,19 @@ def resolve_device(name: str) -> torch.device:
 def load_backbone(section):
     """(model, tokenizer) for a recipe `model` section: frozen, eval mode, on its device.
 
+    A GGUF `path` is dequantized once into `section.cache_dir` (reported on stderr).
+
     Raises:
-        ModelLoadError: the path is neither a loadable folder nor a cached hub id, or the
-            tokenizer has no chat template.
+        ModelLoadError: the path is neither a loadable folder, a readable GGUF file nor a cached
+            hub id, or the tokenizer has no chat template.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     path = section.path
+    if gguf_models.is_gguf(path):
+        path = str(gguf_models.cached_folder(path, section.cache_dir))
     if section.tiny is not None and not Path(path).exists():
         from tflow import tiny
 

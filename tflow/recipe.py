@@ -21,8 +21,8 @@ from annotated_types import Ge, Gt, Le, Lt, MinLen
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from tflow import tasks
-from tflow.errors import RecipeError
+from tflow import gguf_models, tasks
+from tflow.errors import ModelLoadError, RecipeError
 from tflow.overrides import collect_overrides, load_yaml
 
 # Same seven names as tflow.spec.ALL_TARGETS (a test keeps them equal); not imported from there
@@ -81,18 +81,27 @@ class ModelSection(_Section):
     """A backbone: the weights and tokenizer an agent runs on."""
 
     path: str = Field(min_length=1)
-    """Hub id (`Qwen/Qwen3-4B`) or local folder with weights and tokenizer (`./models/qwen`)."""
+    """Hub id (`Qwen/Qwen3-4B`), local folder with weights and tokenizer (`./models/qwen`), a
+    `.gguf` file, or `package:NAME/FILE.gguf` for a GGUF file inside an installed Python package."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the frozen weights are loaded in."""
     device: str = "auto"
     """`auto` (first GPU if any, else CPU), `cpu`, `cuda`, `cuda:N` or `mps`."""
     tiny: TinySection | None = None
     """If set and `path` does not exist locally, tflow builds a tiny model there on first use."""
+    cache_dir: str = "runs/models/gguf"
+    """Where a GGUF `path` is dequantized once, as safetensors keyed by the file's SHA-256."""
 
     @field_validator("path")
     @classmethod
     def _expand_home(cls, path: str) -> str:
-        return _home(path)
+        path = _home(path)
+        if gguf_models.is_gguf(path):
+            try:
+                gguf_models.resolve(path)
+            except ModelLoadError as err:
+                raise ValueError(str(err).removeprefix("model.path: ")) from None
+        return path
 
     @field_validator("device")
     @classmethod
@@ -158,6 +167,9 @@ class GeneratorSection(_Section):
     """Attention heads in each generator block; must divide `d_model`."""
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout inside the generator during training."""
+    head_scale: float | None = Field(None, gt=0)
+    """Multiplier on the B heads' output; null: 1 / d_model, which keeps each optimizer step's
+    change of the delta near lr whatever d_model (with 1, training diverges on deep receivers)."""
     max_delta_norm: float | None = Field(None, gt=0)
     """Largest norm of a query's delta the receiver accepts: the Frobenius norm of all its modules'
     updates together, sqrt(sum ||scale·B A||²). A query whose delta exceeds it, or is not finite
@@ -217,6 +229,11 @@ class RelaySection(_Section):
     """Test examples."""
     seed: int = 0
     """Seed of the generated examples."""
+    format: Literal["toy", "documents"] = "toy"
+    """`toy`: one fact per sender, answered with the value. `documents`: each sender reads
+    `facts` facts, the others' documents hold confusable ones; answered in one sentence."""
+    facts: int = Field(4, ge=2, le=16)
+    """Facts per sender document in the `documents` format."""
 
 
 class DataSection(_Section):
@@ -298,6 +315,8 @@ class TrainSection(_Section):
     """Folder for checkpoints, logs and the resolved recipe (relative to the working directory)."""
     val_every: int = Field(50, gt=0)
     """Validate every this many optimizer steps."""
+    val_batches: int | None = Field(None, gt=0)
+    """Validate on the first this many batches only; null: the whole validation split."""
     log_every: int = Field(10, gt=0)
     """Log metrics every this many optimizer steps."""
     logger: Literal["csv", "tensorboard", "wandb"] = "csv"

