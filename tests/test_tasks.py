@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -56,7 +57,8 @@ def test_gsm8k_compares_numbers(reply, right):
         ("\\boxed{9^{9^{9^{9}}}}", "1", False),
         ("\\boxed{__import__('os')}", "1", False),
         ("\\boxed{}}{\\frac{", "1", False),
-        ("the answer is 1/2", "\\frac{1}{2}", False),
+        ("the answer is 1/2", "\\frac{1}{2}", True),
+        ("it is 1/2", "\\frac{1}{2}", False),  # neither boxed nor stated as the answer
     ],
 )
 def test_math_equivalence(predicted, gold, same):
@@ -189,10 +191,55 @@ def test_relay_scorer_and_corpus():
     task = tasks.get("relay")
     example = Example("What is the secret code of Lisbon?", "482")
     assert task.score("482.", example) and task.score("**482**", example)
-    assert not task.score("The code is 482", example) and not task.score("", example)
+    assert task.score("The secret code of Lisbon is 482.", example)  # a real model's sentence
+    assert not task.score("The code is 483", example) and not task.score("", example)
+    assert not task.score("It is 482 or 117.", example)  # two values
     assert task.score("Willow!", Example("What is the password of Oslo?", "willow"))
+    assert task.extract("The password of Oslo is willow, code 482.") == "willow, 482"
     words = set(" ".join(relay.corpus()).replace(".", " ").replace("?", " ").split())
     assert {"482", "willow", "Lisbon", "password"} <= words
+
+
+def test_relay_documents_hold_the_fact_once_and_confusable_ones_elsewhere():
+    senders = ("left", "right")
+    train, test = relay.split(0, n_train=300, n_test=100, senders=senders, format="documents", facts=4)
+    assert not {f for e in test for f in e.meta["facts"]} & {f for e in train for f in e.meta["facts"]}
+    task = tasks.get("relay")
+    for example in test:
+        entity, holder = example.meta["entity"], example.meta["holder"]
+        (other,) = set(senders) - {holder}
+        asked = task.target(example)  # the fact's own sentence
+        assert asked.endswith(f" {example.answer}.") and asked in example.contexts[holder]
+        assert sum(asked in doc for doc in example.contexts.values()) == 1
+        assert all(doc.count(". ") == 3 for doc in example.contexts.values())  # 4 facts each
+        kind = example.meta["kind"]
+        other_kind = next(k for k in relay.KINDS if k != kind)
+        assert relay.KINDS[other_kind][0].format(entity=entity, value="")[:-2] in example.contexts[other]
+        assert example.contexts[other].count(relay.KINDS[kind][0].split("{entity}")[0]) >= 1
+        assert task.prompt(example).endswith("Answer in one sentence.")
+    assert len({e.meta["holder"] for e in test}) == 2
+
+
+def test_relay_scorer_rejects_distractors_and_two_values():
+    task = tasks.get("relay")
+    (example,) = relay.generate(1, seed=5, senders=("left", "right"), format="documents")
+    answer, entity = example.answer, example.meta["entity"]
+    distractors = [v for _, v in example.meta["facts"] if v != answer]
+    assert task.score(task.target(example), example)
+    assert task.score(f"Sure! The answer is {answer}.", example)
+    for wrong in distractors:
+        assert not task.score(f"The value for {entity} is {wrong}.", example)
+        assert not task.score(f"It is {answer}, or maybe {wrong}.", example)
+    assert not task.score(f"{entity} has no such value.", example)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"format": "essay"}, "unknown relay format 'essay'; formats: toy, documents"),
+    ({"format": "documents", "facts": 1}, "relay facts per document must be 2 to 16, got 1"),
+])
+def test_relay_bad_format_options(options, message):
+    with pytest.raises(DataError, match=re.escape(message)):
+        relay.generate(1, seed=0, **options)
 
 
 def test_hub_loading_reads_every_mmlu_subject_and_wraps_failures(monkeypatch):

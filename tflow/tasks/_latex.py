@@ -20,15 +20,19 @@ def braced(text: str, start: int) -> tuple[str, int] | None:
 
 
 def last_boxed(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` (nested braces allowed), or None when there is none."""
+    """The content of the last non-empty `\\boxed{...}` (nested braces allowed), or None when there is none.
+
+    An empty `\\boxed{}` is the instruction restated ("I will put the answer in \\boxed{}"), not an answer.
+    """
     for match in reversed(list(_BOXED.finditer(text))):
         group = braced(text, match.end())
-        if group is not None:
+        if group is None:
+            # `\boxed 5` without braces: take the next token
+            token = re.match(r"[^\s$]+", text[match.end() :])
+            if token:
+                return token.group(0)
+        elif group[0].strip():
             return group[0].strip()
-        # `\boxed 5` without braces: take the next token
-        token = re.match(r"[^\s$]+", text[match.end() :])
-        if token:
-            return token.group(0)
     return None
 
 

@@ -9,8 +9,9 @@ from typing import Any
 
 from tflow.errors import DataError
 
-# local files are read by the `datasets` builder named for their extension
-_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# local files are read by the `datasets` builder named for their extension (gzipped text too)
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv",
+             ".json.gz": "json", ".jsonl.gz": "json", ".csv.gz": "csv"}
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ class Task:
         limit: int | None = None,
         fields: Mapping[str, str] | None = None,
     ) -> list[Example]:
-        """Examples from a hub dataset id (default `default_source`) or a local json/jsonl/parquet/csv file.
+        """Examples from a hub dataset id (default `default_source`) or a local json/jsonl/parquet/csv
+        file (json, jsonl and csv may be gzipped).
 
         `split` and `config` apply to hub datasets; a local file is one split. `fields`
         overrides part of the role-to-column mapping.
@@ -128,7 +130,7 @@ class Task:
                 raise DataError(f"task {self.name!r} has no default source; pass a file or hub id")
             source, config = self.default_source, config or self.default_config
         path = Path(source)
-        builder = _BUILDERS.get(path.suffix.lower())
+        builder = _BUILDERS.get("".join(path.suffixes[-2:]).lower()) or _BUILDERS.get(path.suffix.lower())
         try:
             if builder is not None:
                 if not path.is_file():

@@ -6,16 +6,22 @@ import re
 from typing import Any
 
 from tflow.tasks._latex import braced, last_boxed, unwrap
+from tflow.tasks._reply import stated, visible
 from tflow.tasks.base import Example, Task
 
-_DROP = (r"\left", r"\right", r"\!", r"\,", r"\;", r"\:", r"\displaystyle", "$", r"\%", "%")
+_DROP = (r"\left", r"\right", r"\!", r"\,", r"\;", r"\:", r"\displaystyle", r"\$", "$", r"\%", "%")
 _SYMPY_NAMES = {"sqrt", "pi"}
 _MAX_EXPONENT = 100  # larger powers could hang sympy on junk like 9^9^9
+# units close an answer as text after a space: "5\text{ cm}", "6\text{ square units}", "4\mbox{ cm}^2"
+_UNITS = re.compile(r"\\(?:text|mbox|mathrm)\{\s+[a-zA-Z][a-zA-Z ]*\}(?:\^\{?[23]\}?)?\.?$")
+# inline math in a stated answer: "$\frac{1}{2}$", "\(\frac{1}{2}\)"
+_INLINE = re.compile(r"\$+([^$]+)\$+|\\\((.+?)\\\)")
 
 
 def normalize(answer: str) -> str:
-    """A canonical spelling of a LaTeX answer: no sizing, spacing, `$`, `\\text{}` or `^\\circ`."""
-    s = unwrap(answer, ("text", "textbf", "mathrm", "mathbf", "mbox", "boxed"))
+    """A canonical spelling of a LaTeX answer: no sizing, spacing, `$`, `\\text{}`, `^\\circ` or trailing units."""
+    s = _UNITS.sub("", answer.strip())
+    s = unwrap(s, ("text", "textbf", "mathrm", "mathbf", "mbox", "boxed"))
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\\\", "")
     s = re.sub(r"\^\s*\{?\\circ\}?", "", s)
     for token in _DROP:
@@ -110,8 +116,19 @@ def _sympy_equal(a: str, b: str) -> bool:
         return False
 
 
+def stated_answer(statement: str) -> str:
+    """The answer a final-answer statement gives: its first inline math, else the statement up to
+    the end of its sentence ("$\\frac{1}{2}$. I hope it is correct." -> "\\frac{1}{2}")."""
+    inline = _INLINE.search(statement)
+    if inline:
+        return (inline.group(1) or inline.group(2)).strip()
+    return re.split(r"\.\s", statement, maxsplit=1)[0].strip().rstrip(".")
+
+
 class MATH(Task):
-    """MATH (MATH-500 by default): gold and prediction are the last `\\boxed{}` of their texts."""
+    """MATH (MATH-500 by default): gold is the solution's last `\\boxed{}`; the prediction is the
+    reply's last `\\boxed{}`, else what its last final-answer statement gives ("The final answer
+    is $5$", "**Answer:** $\\frac{1}{2}$"). A reasoning block before `</think>` is not read."""
 
     name = "math"
     default_source = "HuggingFaceH4/MATH-500"
@@ -123,7 +140,11 @@ class MATH(Task):
         return str(raw).strip() if boxed is None else boxed
 
     def extract(self, text: str) -> str:
-        return last_boxed(text) or ""
+        text = visible(text)
+        boxed = last_boxed(text)
+        if boxed is not None:
+            return boxed
+        return next((answer for answer in map(stated_answer, stated(text)) if answer), "")
 
     def score(self, text: str, example: Example) -> bool:
         return equivalent(self.extract(text), example.answer)
