@@ -152,3 +152,17 @@ def test_refused_deltas_are_counted_in_the_report(qwen, tok, examples, tmp_path)
     assert [r["delta_applied"] for r in rows if r["channel"] == "weights"] == [False] * len(examples)
     none = [r["reply"] for r in rows if r["channel"] == "none"]
     assert [r["reply"] for r in rows if r["channel"] == "weights"] == none  # refused = answered without
+
+
+def test_a_recipe_data_section_keeps_the_tasks_own_columns():
+    # HumanEval's question is its `prompt` column: a data section that names no fields must not
+    # ask for `question`/`answer` columns (it did, and `tflow eval` on such a recipe failed).
+    from tflow import tasks
+    from tflow.data import eval_examples
+
+    recipe = load_recipe("recipes/smollm2-humaneval.yaml")
+    (example,) = eval_examples(recipe, tasks.get("humaneval"), limit=1)
+    assert example.question.startswith("from typing import List\n\n\ndef has_close_elements(")
+    assert example.meta["entry_point"] == "has_close_elements"
+    renamed = load_recipe("recipes/smollm2-humaneval.yaml", ["data.fields.question=task_id"])
+    assert eval_examples(renamed, tasks.get("humaneval"), limit=1)[0].question == "HumanEval/0"

@@ -36,7 +36,7 @@ def load_splits(recipe) -> Splits:
         train, val = relay_splits(recipe)
         return Splits(train[: data.limit], val[: data.limit], get("relay"))
     task = get(data.task) if data.task else Task()
-    fields = {"question": data.fields.question, "answer": data.fields.answer}
+    fields = _mapped_fields(data)
     train = task.load(data.source, config=data.config, split=data.split, fields=fields)
     if data.val_split:
         val = task.load(data.source, config=data.config, split=data.val_split, fields=fields)
@@ -76,9 +76,15 @@ def eval_examples(recipe, task: Task, split: str = "test", limit: int | None = N
     data = recipe.data if recipe.data is not None and recipe.data.task == task.name else None
     if data is None:
         return task.load(split=split, limit=limit)
-    fields = {"question": data.fields.question, "answer": data.fields.answer}
+    fields = _mapped_fields(data)
     examples = task.load(data.source, config=data.config, split=split, limit=limit, fields=fields)
     return _with_contexts(examples, data.fields.context)
+
+
+def _mapped_fields(data) -> dict[str, str]:
+    """The question/answer columns the recipe sets; the task's own mapping stands for the rest
+    (HumanEval's question is its `prompt` column, not a `question` column)."""
+    return {role: getattr(data.fields, role) for role in ("question", "answer") if role in data.fields.model_fields_set}
 
 
 def _with_contexts(examples: list[Example], columns: dict[str, str]) -> list[Example]:
