@@ -1,6 +1,14 @@
 import json
+from dataclasses import replace
 
-from tflow.demo import DemoSettings, message, run_demo
+import yaml
+from typer.testing import CliRunner
+
+from tflow import demo
+from tflow.cli import app
+from tflow.data import relay_splits
+from tflow.demo import DEMO_RECIPE, DemoSettings, message, run_demo
+from tflow.recipe import load_recipe
 from tflow.tasks import relay
 
 
@@ -21,6 +29,22 @@ def test_shortened_demo_runs_end_to_end_and_reports_every_channel(tmp_path):
     assert report["channels"]["weights"]["message_bytes"] > 0
     assert (tmp_path / "generator" / "generator.safetensors").is_file()
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 18
+
+
+def test_demo_seed_option_reaches_the_recipe_and_keeps_the_held_out_facts(tmp_path, monkeypatch):
+    def shortened(out, settings, **kwargs):
+        return run_demo(out, replace(settings, hidden_size=32, batch_size=8), **kwargs)
+
+    monkeypatch.setattr(demo, "run_demo", shortened)
+    result = CliRunner().invoke(app, [
+        "demo", "--seed", "3", "--pretrain-steps", "4", "--train-steps", "2", "--eval-limit", "6",
+        "--threads", "2", "--no-progress", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    recipe = yaml.safe_load((tmp_path / "generator" / "recipe.yaml").read_text())
+    assert recipe["seed"] == 3
+    questions = [json.loads(line)["question"] for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    held_out = relay_splits(load_recipe(DEMO_RECIPE))[1][:6]
+    assert questions[:6] == [ex.question for ex in held_out]
 
 
 def test_reader_message_states_the_fact_and_the_answer():

@@ -224,6 +224,8 @@ def demo(
     pretrain_steps: Annotated[int, typer.Option(min=1, help="Backbone pretraining steps.")] = 800,
     train_steps: Annotated[int | None, typer.Option(min=1, help="Generator steps [default: the recipe's].")] = None,
     eval_limit: Annotated[int | None, typer.Option(min=1, help="Held-out facts to evaluate [default: all].")] = None,
+    seed: Annotated[int, typer.Option(
+        min=0, help="Seed of the backbone, its pretraining and the generator; the held-out facts stay the same.")] = 0,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for torch.")] = 1,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
@@ -237,7 +239,8 @@ def demo(
     from tflow.demo import DemoSettings, run_demo
 
     torch.set_num_threads(threads)
-    settings = DemoSettings(pretrain_steps=pretrain_steps, train_steps=train_steps, eval_limit=eval_limit)
+    settings = DemoSettings(pretrain_steps=pretrain_steps, train_steps=train_steps, eval_limit=eval_limit,
+                            seed=seed)
     run_demo(out, settings, progress=progress, say=typer.echo)
     typer.echo(f"report: {out / 'report.md'} (and report.json, report.png, predictions.jsonl)")
 

@@ -30,6 +30,7 @@ class DemoSettings:
     pretrain_steps: int = 800
     pretrain_lr: float = 5e-3
     train_steps: int | None = None  # None: the recipe's train.max_steps
+    seed: int | None = None  # None: the recipe's seed (backbone init, pretraining, generator training)
     eval_limit: int | None = None  # None: the recipe's data.relay.n_test
     batch_size: int = 32
 
@@ -91,6 +92,8 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings = DemoSetting
     overrides = [f"train.out_dir={out / 'generator'}"]
     if settings.train_steps is not None:
         overrides.append(f"train.max_steps={settings.train_steps}")
+    if settings.seed is not None:
+        overrides.append(f"seed={settings.seed}")  # data.relay.seed stays: every seed sees the same facts
     recipe = load_recipe(recipe_path, overrides)  # model.path is checked once the model is built
     splits = load_splits(recipe)
     test = splits.val[: settings.eval_limit]

@@ -83,7 +83,7 @@ def cached_folder(path: str, cache_dir: str | Path, say: Callable[[str], None] |
             return folder
         say(f"GGUF cache {folder} is stale or corrupted ({problem}); rebuilding it")
         shutil.rmtree(folder, ignore_errors=True)
-    say(f"dequantizing {source.name} once into {folder} (later loads read the cache)")
+    say(f"first load of {source.name}: dequantizing it into {folder} (later loads read this cache)")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
@@ -150,4 +150,4 @@ def _unreadable(source: Path, err: Exception) -> str:
         return (f"model.path: {source}: {text.rstrip('.')}; transformers loads these GGUF architectures: "
                 f"{', '.join(known)}")
     return (f"model.path: cannot read GGUF file {source} ({type(err).__name__}: {text[:200]}); "
-            f"it may be truncated or not GGUF: download it again or {REINSTALL_HINT}")
+            f"it may be truncated or not GGUF: {REINSTALL_HINT}")
