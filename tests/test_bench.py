@@ -9,8 +9,15 @@ from tflow.errors import BenchError
 from tflow.patching import patched
 
 
-def test_quick_tiny_bench_reports_every_figure_as_a_positive_number():
-    result = run_bench("tiny", quick=True, repeats=1)
+def test_quick_bench_of_a_recipe_reports_every_figure_as_a_positive_number(tmp_path):
+    # A recipe's own receiver backbone (here the tiny recipe's); `--shape tiny` is the same model
+    # built by bench_model, covered below.
+    from tflow.recipe import load_recipe
+
+    recipe = load_recipe("recipes/tiny.yaml", [f"model.path={tmp_path / 'tiny'}"])
+    result = run_bench(quick=True, repeats=1, recipe=recipe)
+    assert result["shape"] == str(tmp_path / "tiny")
+    assert result["model"]["hidden_size"] == recipe.model.tiny.hidden_size
     figures = [result["patch_overhead"], result["weights_vs_none"], result["text_vs_weights"]]
     figures += [v for d in result["decode"] for k, v in d.items() if k.endswith(("_s", "ratio"))]
     figures += [result["encoding"][k] for k in ("batched_s", "per_sender_s", "speedup")]
@@ -47,3 +54,4 @@ def test_the_hookless_twin_shares_every_tensor_and_stays_unpatched(tok):
             assert not torch.equal(model(ids).logits, before)
             assert torch.equal(twin(ids).logits, before)  # the twin has no hooks: the delta never reaches it
     assert not any(m._forward_hooks for m in twin.modules())
+

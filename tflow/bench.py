@@ -80,8 +80,10 @@ class Plan:
 
 
 def run_bench(shape: str = "medium", quick: bool = False, *, device: str | None = None,
-              force: bool = False, message_tokens: int | None = None, repeats: int | None = None) -> dict:
-    """Measure decode, encoding, generator and channel costs on a random model of `shape`.
+              force: bool = False, message_tokens: int | None = None, repeats: int | None = None,
+              recipe=None) -> dict:
+    """Measure decode, encoding, generator and channel costs on a random model of `shape`, or on
+    the receiver backbone of `recipe` (a loaded Recipe: a real model, with its own tokenizer).
 
     Returns a JSON-ready dict with `patch_overhead` (patched/plain decode, batch 8, rank 8),
     `weights_vs_none` and `text_vs_weights` (end-to-end time ratios), the raw timings and the machine.
@@ -89,17 +91,26 @@ def run_bench(shape: str = "medium", quick: bool = False, *, device: str | None 
     Raises:
         BenchError: unknown shape, or a GPU-sized shape on CPU without `force`.
     """
-    if shape not in SHAPES:
+    if recipe is None and shape not in SHAPES:
         raise BenchError(f"unknown shape {shape!r}; choose one of: {', '.join(SHAPES)}")
     where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if shape in GPU_SHAPES and where.type == "cpu" and not force:
+    if recipe is None and shape in GPU_SHAPES and where.type == "cpu" and not force:
         raise BenchError(f"shape {shape!r} is sized for a GPU (bf16) and would take hours on CPU; "
                          "run it where CUDA is available, or force it (--force)")
     plan = Plan.make(quick, message_tokens, repeats)
-    dtype = torch.bfloat16 if where.type == "cuda" else torch.float32
-    info = machine(where, dtype)
-    tok = tiny.tokenizer()
-    model = bench_model(tok, SHAPES[shape], where, dtype)
+    if recipe is not None:
+        from tflow.models import load_backbone
+
+        section = recipe.receiver.model or recipe.model
+        model, tok = load_backbone(section)
+        model.generation_config.suppress_tokens = [tok.eos_token_id]
+        shape, first = section.path, next(model.parameters())
+        info = machine(first.device, first.dtype)
+    else:
+        dtype = torch.bfloat16 if where.type == "cuda" else torch.float32
+        info = machine(where, dtype)
+        tok = tiny.tokenizer()
+        model = bench_model(tok, SHAPES[shape], where, dtype)
     plain = hookless_twin(model)
     decode = [measure_decode(model, plain, len(tok), batch=b, rank=r, prompt_tokens=plan.prompt_tokens,
                              new_tokens=plan.new_tokens, repeats=plan.cheap_repeats) for b, r in plan.decode_grid]

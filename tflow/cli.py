@@ -258,6 +258,8 @@ def bench(
     message_tokens: Annotated[int | None, typer.Option(
         min=1, help="Tokens per text-channel message (default 256, 128 with --quick).")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch (default: torch's choice).")] = None,
+    recipe: Annotated[Path | None, typer.Option(
+        help="Measure the receiver backbone of this recipe (a real model) instead of a random --shape.")] = None,
 ) -> None:
     """Measure side by side in one run: patched vs plain decode, batched sender encoding, the
     generator, and end to end per channel; prints a table and the headline ratios."""
@@ -273,7 +275,12 @@ def bench(
         writable_file(json_file)  # fail now, not after minutes of measuring
     if threads is not None:
         torch.set_num_threads(threads)
-    result = run_bench(shape, quick, force=force, message_tokens=message_tokens)
+    loaded = None
+    if recipe is not None:
+        from tflow.recipe import load_recipe
+
+        loaded = load_recipe(recipe)
+    result = run_bench(shape, quick, force=force, message_tokens=message_tokens, recipe=loaded)
     Console().print(table(result))
     typer.echo(f"patch_overhead {result['patch_overhead']:.3f} · weights_vs_none {result['weights_vs_none']:.3f}"
                f" · text_vs_weights {result['text_vs_weights']:.2f}")
