@@ -112,3 +112,22 @@ def test_copies_of_a_model_keep_separate_caches(model, tok):
     encode([mine], QUERIES)
     torch.testing.assert_close(encode([theirs], QUERIES).hidden, encode([theirs], QUERIES, reuse_prefixes=False).hidden,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_a_document_after_the_query_is_read_after_it_and_prefixes_still_match(model, tok):
+    first = Sender(model, tok, ROLES[0], name="a", context_position="after_query")
+    user = first.prompt("What is the code?", "The code of Oslo is 118.").split("user\n", 1)[1]
+    assert user.startswith("What is the code?\n\nThe code of Oslo is 118.")
+    senders = [first, Sender(model, tok, ROLES[1], name="b", context="Lisbon: 482.", context_position="after_query")]
+    contexts = [["doc one", None, "doc three"], [None, "doc two", None]]
+    full = encode(senders, QUERIES, contexts, reuse_prefixes=False)
+    reused = encode(senders, QUERIES, contexts)
+    assert torch.equal(reused.mask, full.mask)
+    assert (reused.hidden - full.hidden).abs().max() < 1e-5
+
+
+def test_an_unknown_context_position_is_refused(model, tok):
+    from tflow.errors import QueryError
+
+    with pytest.raises(QueryError, match="context_position must be one of before_query, after_query, got 'middle'"):
+        Sender(model, tok, ROLES[0], context_position="middle")

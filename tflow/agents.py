@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from tflow.errors import ModelLoadError
+from tflow.errors import ModelLoadError, QueryError
+
+CONTEXT_POSITIONS = ("before_query", "after_query")
 
 
 def chat_prompt(tokenizer, system: str | None, user: str) -> str:
@@ -28,7 +30,9 @@ def chat_prompt(tokenizer, system: str | None, user: str) -> str:
 class Sender:
     """A frozen agent that reads the query under its role prompt (and an optional private document).
 
-    The role is the system message; `context`, when given, comes before the query in the user turn.
+    The role is the system message; `context`, when given, comes before the query in the user
+    turn, or after it with `context_position="after_query"` (then every document token's state
+    has seen the question).
     """
 
     model: nn.Module
@@ -36,12 +40,20 @@ class Sender:
     role: str
     name: str | None = None
     context: str | None = None
+    context_position: str = "before_query"
+
+    def __post_init__(self):
+        if self.context_position not in CONTEXT_POSITIONS:
+            raise QueryError(f"context_position must be one of {', '.join(CONTEXT_POSITIONS)}, "
+                             f"got {self.context_position!r}")
 
     def prompt(self, query: str, context: str | None = None) -> str:
         """The chat text this sender reads; `context` replaces the sender's own for this query."""
         context = context if context is not None else self.context
-        user = f"{context}\n\n{query}" if context else query
-        return chat_prompt(self.tokenizer, self.role, user)
+        if not context:
+            return chat_prompt(self.tokenizer, self.role, query)
+        parts = (query, context) if self.context_position == "after_query" else (context, query)
+        return chat_prompt(self.tokenizer, self.role, "\n\n".join(parts))
 
 
 @dataclass(eq=False)

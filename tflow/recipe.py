@@ -133,6 +133,10 @@ class SenderSection(_Section):
     """Private context only this sender reads with every query (per-query context comes from data)."""
     model: ModelSection | None = None
     """Its own backbone; by default it shares the top-level `model`."""
+    context_position: Literal["before_query", "after_query"] = "before_query"
+    """Where a private document goes in the sender's user turn. `after_query` lets every
+    document token's hidden state see the question (causal attention), so the states that hold
+    the asked fact can tell it from the rest."""
 
 
 class ReceiverSection(_Section):

@@ -55,7 +55,7 @@ def load(recipe: str | Path | Mapping, checkpoint: str | Path | None = None, ove
     senders = []
     for s in recipe.senders:
         model, tokenizer = backbone(s.model)
-        senders.append(Sender(model, tokenizer, s.role, s.name, s.context))
+        senders.append(Sender(model, tokenizer, s.role, s.name, s.context, s.context_position))
     model, tokenizer = backbone(recipe.receiver.model)
     receiver = Receiver(model, tokenizer, recipe.receiver.system_prompt, name=recipe.receiver.name)
     receiver.generator = build_hypernetwork(recipe, senders, receiver)
