@@ -62,7 +62,8 @@ def hypernet(model, num_senders, kind="mlp", seed=None, std=0.3):
     spec = ReceiverSpec.from_model(model)
     with torch.random.fork_rng():  # the same initial weights whatever ran before
         torch.manual_seed(0)
-        net = Hypernetwork(spec, {"kind": kind, "rank": 2, "d_model": 32, "depth": 1, "heads": 2},
+        net = Hypernetwork(spec, {"kind": kind, "rank": 2, "d_model": 32, "depth": 1, "heads": 2,
+                                         "head_scale": 1.0},
                            num_senders, model.config.num_hidden_layers + 1, model.config.hidden_size)
     if seed is not None:
         g = torch.Generator().manual_seed(seed)
