@@ -34,7 +34,7 @@ def pretrain(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], *, s
         start = (step * batch_size) % len(order)
         batch = order[start : start + batch_size] or order[:batch_size]
         ids, mask, labels = teacher_forced(tokenizer, [p for p, _ in batch], [t for _, t in batch], max_length)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = target_loss(model, ids, mask, labels)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -45,3 +45,17 @@ def pretrain(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], *, s
             on_step(step, losses[-1])
     model.requires_grad_(False).eval()
     return losses
+
+
+def target_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled positions, as `model(labels=...).loss`.
+
+    The output head runs on those positions only: targets are a small part of each sequence, and
+    logits over the whole vocabulary at every position cost about as much as the backbone.
+    ids, mask, labels: [batch, seq].
+    """
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+    following = labels[:, 1:]
+    keep = following != -100
+    return nn.functional.cross_entropy(model.get_output_embeddings()(hidden[keep]), following[keep])
+
