@@ -47,6 +47,28 @@ def test_query_alone_equals_query_in_batch_and_differs_from_none(team, kind, qwe
     assert [r.text for r in batch] != [r.text for r in none]
 
 
+def test_per_query_budgets_and_a_stream_leave_every_row_as_it_is_alone(team, qwen, tok):
+    senders, receiver = team
+    receiver.generator = hypernet(qwen, 2, seed=1)
+    budgets, seen = [3, 8, 5], {}
+
+    class Stream:  # a tflow.generation.RowStream that stops row 2 after its second token
+        def update(self, row, tokens, finish_reason):
+            seen[row] = (list(tokens), finish_reason)
+
+        def cancelled(self, row):
+            return row == 2 and len(seen.get(2, ([], None))[0]) >= 2
+
+    batch = communicate(senders, receiver, QUERIES, max_new_tokens=budgets, stream=Stream())
+    for q in (0, 1):
+        alone = communicate(senders, receiver, QUERIES[q], max_new_tokens=budgets[q])
+        assert (batch[q].text, batch[q].usage, batch[q].finish_reason) == (alone.text, alone.usage, alone.finish_reason)
+        tokens, reason = seen[q]
+        assert (tok.decode(tokens, skip_special_tokens=True).strip(), reason) == (alone.text, alone.finish_reason)
+    assert batch[2].finish_reason == "cancelled" and batch[2].usage.by_agent["executor"].generated_tokens == 2
+    assert batch[2].text == tok.decode(seen[2][0], skip_special_tokens=True).strip()
+
+
 def test_usage_equals_independent_counts(team, tok, qwen):
     senders, receiver = team
     receiver.generator = hypernet(qwen, 2, seed=2)
@@ -146,6 +168,8 @@ def test_text_channel_receiver_reads_exactly_the_messages(team, tok):
     (dict(query=""), QueryError, "non-empty string"),
     (dict(query=[]), QueryError, "non-empty string"),
     (dict(max_new_tokens=0), QueryError, "max_new_tokens must be > 0, got 0"),
+    (dict(max_new_tokens=[4, 4]), QueryError, "got 2 max_new_tokens for 1 queries; give one or one per query"),
+    (dict(max_new_tokens=[0]), QueryError, "max_new_tokens must be > 0, got 0"),
     (dict(query="code " * 600), QueryError, "exceeds the model's context of 512"),
 ])
 def test_bad_calls_raise_typed_errors(team, kwargs, error, match):

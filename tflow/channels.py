@@ -21,7 +21,7 @@ from tflow.agents import Receiver, Sender
 from tflow.delta import LoRADelta
 from tflow.encoding import encode, token_ids
 from tflow.errors import ChannelError, QueryError
-from tflow.generation import GenerationSettings, generate, kv_cache_bytes
+from tflow.generation import GenerationSettings, RowStream, generate, kv_cache_bytes
 from tflow.patching import patched
 from tflow.reply import AgentUsage, Reply, Usage
 
@@ -32,14 +32,17 @@ _LOCKS_GUARD = threading.Lock()
 
 
 def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequence[str], *,
-                channel: str = "weights", max_new_tokens: int = 64, do_sample: bool = False,
+                channel: str = "weights", max_new_tokens: int | Sequence[int] = 64, do_sample: bool = False,
                 temperature: float = 1.0, top_p: float = 1.0, num_beams: int = 1,
                 message_tokens: int = 256,
-                contexts: Sequence[Mapping[str, str]] | None = None) -> Reply | list[Reply]:
+                contexts: Sequence[Mapping[str, str]] | None = None,
+                stream: RowStream | None = None) -> Reply | list[Reply]:
     """Answer `query` (a str -> Reply; a list -> list of Replies, run as one batch) over `channel`.
 
+    `max_new_tokens` is the receiver's budget, one for all queries or one per query.
     `contexts`, one mapping per query, gives a sender (by name) a private document for that
-    query in place of its own `context`.
+    query in place of its own `context`. `stream` (tflow.generation.RowStream) sees the
+    receiver's tokens of every query as they are decoded, and may stop single queries.
 
     Calls from several threads on shared models run one at a time, never mixing deltas.
     On the weights channel, a query whose generated delta is not finite or has a norm above
@@ -62,35 +65,53 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
         raise QueryError("every query must be a non-empty string")
     if message_tokens <= 0:
         raise QueryError(f"message_tokens must be > 0, got {message_tokens}")
-    settings = GenerationSettings(max_new_tokens, do_sample, temperature, top_p, num_beams)
+    budgets = _budgets(max_new_tokens, len(queries))
+    settings = GenerationSettings(max(budgets), do_sample, temperature, top_p, num_beams)
+    decode = {"budgets": budgets if len(set(budgets)) > 1 else None, "stream": stream}
     names = _names(senders, receiver)
     if contexts is not None and len(contexts) != len(queries):
         raise QueryError(f"got {len(contexts)} contexts for {len(queries)} queries; give one mapping per query")
     per_sender = [[(c or {}).get(name) for c in contexts] for name in names] if contexts is not None else None
     with _exclusive([s.model for s in senders] + [receiver.model]):
         run = {"none": _none, "text": _text, "weights": _weights}[channel]
-        replies = run(senders, receiver, queries, settings, names, message_tokens, per_sender)
+        replies = run(senders, receiver, queries, settings, names, message_tokens, per_sender, decode)
     return replies[0] if isinstance(query, str) else replies
 
 
-def _none(senders, receiver, queries, settings, names, message_tokens, contexts):
+def _budgets(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
+    """One receiver token budget per query.
+
+    Raises:
+        QueryError: a budget that is not a positive integer, or a list of the wrong length.
+    """
+    budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != n:
+        raise QueryError(f"got {len(budgets)} max_new_tokens for {n} queries; give one or one per query")
+    bad = [b for b in budgets if not isinstance(b, int) or isinstance(b, bool) or b <= 0]
+    if bad:
+        raise QueryError(f"max_new_tokens must be > 0, got {bad[0]}")
+    return budgets
+
+
+def _none(senders, receiver, queries, settings, names, message_tokens, contexts, decode):
     stages = _Stages(senders, receiver)
     with stages("receiver"):
-        out = generate(receiver.model, receiver.tokenizer, [receiver.prompt(q) for q in queries], settings)
+        out = generate(receiver.model, receiver.tokenizer, [receiver.prompt(q) for q in queries], settings, **decode)
     return [
-        Reply(text, "none", Usage({receiver.name: _usage(receiver, p, g)}), **stages.measured)
-        for text, p, g in zip(out.texts, out.prompt_tokens, out.generated_tokens, strict=True)
+        Reply(text, "none", Usage({receiver.name: _usage(receiver, p, g)}), **stages.measured, finish_reason=reason)
+        for text, p, g, reason in zip(out.texts, out.prompt_tokens, out.generated_tokens, out.finish_reasons,
+                                      strict=True)
     ]
 
 
-def _weights(senders, receiver, queries, settings, names, message_tokens, contexts):
+def _weights(senders, receiver, queries, settings, names, message_tokens, contexts, decode):
     stages = _Stages(senders, receiver)
     with stages("senders"):
         states = encode(senders, queries, contexts)
     with stages("generator"), torch.no_grad():
-        delta, refused = _guard(receiver.generator(states), receiver.generator.max_delta_norm)
+        delta, refused = guard_delta(receiver.generator(states), receiver.generator.max_delta_norm)
     with stages("receiver"), patched(receiver.model, delta):
-        out = generate(receiver.model, receiver.tokenizer, [receiver.prompt(q) for q in queries], settings)
+        out = generate(receiver.model, receiver.tokenizer, [receiver.prompt(q) for q in queries], settings, **decode)
     per_row_bytes = delta.num_bytes // delta.batch_size
     replies = []
     for q, text in enumerate(out.texts):
@@ -98,11 +119,12 @@ def _weights(senders, receiver, queries, settings, names, message_tokens, contex
                   for s, sender in enumerate(senders)}
         ledger[receiver.name] = _usage(receiver, out.prompt_tokens[q], out.generated_tokens[q])
         replies.append(Reply(text, "weights", Usage(ledger), message_bytes=per_row_bytes, **stages.measured,
-                             delta_applied=refused[q] is None, warnings=[refused[q]] if refused[q] else []))
+                             delta_applied=refused[q] is None, warnings=[refused[q]] if refused[q] else [],
+                             finish_reason=out.finish_reasons[q]))
     return replies
 
 
-def _guard(delta: LoRADelta, max_norm: float | None) -> tuple[LoRADelta, list[str | None]]:
+def guard_delta(delta: LoRADelta, max_norm: float | None) -> tuple[LoRADelta, list[str | None]]:
     """`delta` with the rows that must not be applied zeroed, and per row why (None: applied).
 
     A row is refused when its norm (`LoRADelta.row_norms`) is NaN or inf, or above `max_norm`.
@@ -123,7 +145,7 @@ def _guard(delta: LoRADelta, max_norm: float | None) -> tuple[LoRADelta, list[st
     return delta, reasons
 
 
-def _text(senders, receiver, queries, settings, names, message_tokens, contexts):
+def _text(senders, receiver, queries, settings, names, message_tokens, contexts, decode):
     stages = _Stages(senders, receiver)
     messages: list[dict[str, str]] = [{} for _ in queries]
     ledgers: list[dict[str, AgentUsage]] = [{} for _ in queries]
@@ -137,14 +159,14 @@ def _text(senders, receiver, queries, settings, names, message_tokens, contexts)
                 ledgers[q][names[s]] = _usage(sender, out.prompt_tokens[q], out.generated_tokens[q])
     with stages("receiver"):
         prompts = [receiver.prompt(text_turn(q, m)) for q, m in zip(queries, messages, strict=True)]
-        out = generate(receiver.model, receiver.tokenizer, prompts, settings)
+        out = generate(receiver.model, receiver.tokenizer, prompts, settings, **decode)
     replies = []
     for q, text in enumerate(out.texts):
         ledgers[q][receiver.name] = _usage(receiver, out.prompt_tokens[q], out.generated_tokens[q])
         sent = sum(len(ids) for ids in token_ids(receiver.tokenizer, list(messages[q].values())))
         nbytes = sent * _token_id_bytes(receiver.tokenizer)
         replies.append(Reply(text, "text", Usage(ledgers[q]), message_bytes=nbytes, messages=dict(messages[q]),
-                             **stages.measured))
+                             **stages.measured, finish_reason=out.finish_reasons[q]))
     return replies
 
 

@@ -1,12 +1,15 @@
-"""Batched chat generation with honest token counts."""
+"""Batched chat generation with honest token counts, per-row budgets and a per-row token stream."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from tflow.encoding import pad_batch, token_ids
 from tflow.errors import QueryError
@@ -40,11 +43,27 @@ class GenerationSettings:
 
 @dataclass(frozen=True)
 class Generated:
-    """Texts of one batched generation with per-row prompt and generated token counts."""
+    """Texts of one batched generation with per-row prompt and generated token counts.
+
+    `finish_reasons` per row: "stop" when the row ended on EOS, "length" when it used its budget,
+    "cancelled" when a RowStream stopped it (its text and count then end where it stopped).
+    """
 
     texts: list[str]
     prompt_tokens: list[int]
     generated_tokens: list[int]
+    finish_reasons: list[str]
+
+
+class RowStream(Protocol):
+    """Watches a batched generate() row by row while it decodes, and may stop single rows."""
+
+    def update(self, row: int, tokens: list[int], finish_reason: str | None) -> None:
+        """Row `row` has decoded `tokens` so far (its EOS included); `finish_reason` is "stop" or
+        "length" on the row's last update, None before. Called from the decoding thread."""
+
+    def cancelled(self, row: int) -> bool:
+        """Whether row `row` must stop now (its batch-mates decode on, unchanged)."""
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -64,31 +83,96 @@ def kv_cache_bytes(model: nn.Module, tokens: int) -> int:
 
 
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str], settings: GenerationSettings,
-             max_new_tokens: int | None = None) -> Generated:
+             max_new_tokens: int | None = None, *, budgets: Sequence[int] | None = None,
+             stream: RowStream | None = None) -> Generated:
     """Left-padded batched generate(); counts stop at each row's first EOS.
 
+    `budgets` gives each row its own token budget (at most the call's); a row that reaches it
+    stops and its batch-mates decode on. `stream` sees every row's tokens as they come and may
+    stop rows. Neither changes a row's tokens: a row decodes as it would alone.
+
     Raises:
-        QueryError: a prompt plus the token budget exceeds the model's context.
+        QueryError: a prompt plus its token budget exceeds the model's context, or budgets or a
+            stream with beam search.
     """
     budget = max_new_tokens or settings.max_new_tokens
+    rows = [budget] * len(prompts) if budgets is None else [min(b, budget) for b in budgets]
+    if (budgets is not None or stream is not None) and settings.num_beams > 1:
+        raise QueryError("per-query token budgets and streaming need num_beams 1")
     seqs = token_ids(tokenizer, prompts)
     limit = context_length(model)
-    longest = max(len(s) for s in seqs)
-    if limit is not None and longest + budget > limit:
+    longest = max(len(s) + b for s, b in zip(seqs, rows, strict=True))
+    if limit is not None and longest > limit:
+        row = max(range(len(seqs)), key=lambda i: len(seqs[i]) + rows[i])
         raise QueryError(
-            f"prompt of {longest} tokens plus {budget} new tokens exceeds the model's context of {limit}; "
-            "shorten the query or lower max_new_tokens"
+            f"prompt of {len(seqs[row])} tokens plus {rows[row]} new tokens exceeds the model's context of "
+            f"{limit}; shorten the query or lower max_new_tokens"
         )
     device = next(model.parameters()).device
     ids, mask = pad_batch(seqs, tokenizer.pad_token_id, "left", device)
     eos = _eos_ids(model, tokenizer)
+    watch = _RowWatch(rows, eos, stream, ids.shape[1]) if budgets is not None or stream is not None else None
+    extra = {} if watch is None else {"stopping_criteria": StoppingCriteriaList([watch]),
+                                      "streamer": watch.streamer if stream is not None else None}
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask.long(), pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=eos, **settings.kwargs(budget))
+                             eos_token_id=eos, **settings.kwargs(max(rows)), **extra)
     new = out[:, ids.shape[1]:]
-    counts = [_through_first_eos(row, eos) for row in new]
+    counts = [min(_through_first_eos(row, eos), b) for row, b in zip(new, rows, strict=True)]
+    if stream is not None:  # a cancelled row was fed padding after its last real token
+        counts = [min(n, len(t)) for n, t in zip(counts, watch.tokens, strict=True)]
     texts = [tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(new, counts, strict=True)]
-    return Generated(texts, [len(s) for s in seqs], counts)
+    reasons = ["cancelled" if watch is not None and watch.cancelled[r] else "stop" if n and int(row[n - 1]) in eos
+               else "length" for r, (row, n) in enumerate(zip(new, counts, strict=True))]
+    return Generated(texts, [len(s) for s in seqs], counts, reasons)
+
+
+class _RowWatch(StoppingCriteria):
+    """Per-row budgets and cancellation for generate(), and the streamer that feeds a RowStream.
+
+    generate() asks the criterion after each step which rows are done (a finished row is then
+    fed padding, which its batch-mates never see), and hands the step's tokens to the streamer.
+    """
+
+    def __init__(self, budgets: list[int], eos: list[int], stream: RowStream | None, prompt_width: int):
+        self.budgets, self.eos, self.stream, self.prompt_width = budgets, set(eos), stream, prompt_width
+        self.tokens: list[list[int]] = [[] for _ in budgets]
+        self.done = [False] * len(budgets)
+        self.cancelled = [False] * len(budgets)
+        self.streamer = _Streamer(self) if stream is not None else None
+
+    def __call__(self, input_ids: Tensor, scores, **kwargs) -> Tensor:
+        steps = input_ids.shape[1] - self.prompt_width
+        for r, done in enumerate(self.done):
+            if not done and self.stream is not None and self.stream.cancelled(r):
+                self.done[r] = self.cancelled[r] = True
+        stop = [steps >= b or c for b, c in zip(self.budgets, self.cancelled, strict=True)]
+        return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
+
+    def put_step(self, step: Tensor) -> None:
+        for r, token in enumerate(step.tolist()):
+            if self.done[r]:
+                continue
+            self.tokens[r].append(token)
+            reason = "stop" if token in self.eos else "length" if len(self.tokens[r]) >= self.budgets[r] else None
+            self.done[r] = reason is not None
+            self.stream.update(r, self.tokens[r], reason)
+
+
+class _Streamer(BaseStreamer):
+    """generate()'s streamer: skips the prompt it is handed first, passes each step's tokens on."""
+
+    def __init__(self, watch: _RowWatch):
+        self.watch, self.prompt_seen = watch, False
+
+    def put(self, value: Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.watch.put_step(value.reshape(-1))
+
+    def end(self) -> None:
+        """Nothing to flush: every row's last update carried its finish reason."""
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> list[int]:

@@ -55,6 +55,7 @@ class Reply:
     `delta_applied` is True when the weights channel patched this query's delta in, False when
     it refused the delta (not finite, or above the generator's `max_delta_norm`) and answered
     without it, None on channels without a delta; `warnings` says what went wrong, if anything.
+    `finish_reason` is "stop" when the answer ended on EOS, "length" when it used its budget.
     """
 
     text: str
@@ -66,3 +67,4 @@ class Reply:
     peak_memory_bytes: dict[str, int | None] = field(default_factory=dict)
     delta_applied: bool | None = None
     warnings: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
