@@ -66,8 +66,29 @@ def hypernet(model, num_senders, kind="mlp", seed=None, std=0.3):
                                          "head_scale": 1.0},
                            num_senders, model.config.num_hidden_layers + 1, model.config.hidden_size)
     if seed is not None:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * std)
+        perturb(net, seed, std)
     return net
+
+
+def perturb(net, seed, std=0.3):
+    """Add seeded Gaussian noise to every parameter of `net`, so its deltas are not zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """The tiny recipe with its model in a temp folder and a generator checkpoint whose deltas are
+    not zero: (recipe overrides, checkpoint folder)."""
+    import tflow
+    from tflow import checkpoint
+    from tflow.recipe import load_recipe
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    overrides = [f"model.path={tmp / 'model'}", f"train.out_dir={tmp / 'train'}"]
+    team = tflow.load(load_recipe("recipes/tiny.yaml", overrides))
+    perturb(team.receiver.generator, seed=1)
+    checkpoint.save(team.receiver.generator, tmp / "ckpt")
+    return overrides, tmp / "ckpt"

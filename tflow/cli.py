@@ -125,6 +125,36 @@ def train(
     typer.echo(f"done: {result.global_step} steps; generator in {result.out_dir / 'generator.safetensors'}")
 
 
+def _contexts(items: list[str] | None) -> dict[str, str]:
+    """--context NAME=TEXT options as {sender name: document}.
+
+    Raises:
+        QueryError: an item without `=` or without a name.
+    """
+    from tflow.errors import QueryError
+
+    contexts = {}
+    for item in items or ():
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise QueryError(f"--context needs NAME=TEXT, got {item!r}")
+        contexts[name] = text
+    return contexts
+
+
+def _check_senders(contexts: dict[str, str], team) -> None:
+    from tflow.errors import QueryError
+
+    unknown = sorted(set(contexts) - {s.name for s in team.senders})
+    if unknown:
+        raise QueryError(f"--context names unknown sender(s) {unknown}; senders: {[s.name for s in team.senders]}")
+
+
+ContextOption = Annotated[list[str] | None, typer.Option(
+    "--context", help="A sender's private document for this question, as NAME=TEXT (repeatable).")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Recipe override key.path=value (repeatable).")]
+
+
 @app.command()
 @reports_errors
 def ask(
@@ -132,28 +162,20 @@ def ask(
     question: Annotated[str, typer.Argument(help="The question for the receiver.", show_default=False)],
     checkpoint: Annotated[Path | None, typer.Option(help="Trained generator folder (a train.out_dir).")] = None,
     channel: Annotated[str, typer.Option(help="none, text or weights.")] = "weights",
-    context: Annotated[list[str] | None, typer.Option(
-        help="A sender's private document for this question, as NAME=TEXT (repeatable).")] = None,
-    overrides: Annotated[list[str] | None, typer.Option("--set", help="Recipe override key.path=value (repeatable).")] = None,
+    context: ContextOption = None,
+    overrides: SetOption = None,
 ) -> None:
     """Ask one question and print the receiver's answer and one usage line."""
-    from tflow.errors import ChannelError, QueryError
+    from tflow.errors import ChannelError
 
     if channel == "weights" and checkpoint is None:
         raise ChannelError("the weights channel needs a trained generator: pass --checkpoint DIR "
                            "(the train.out_dir of `tflow train`), or use --channel none or text")
-    contexts = {}
-    for item in context or ():
-        name, sep, text = item.partition("=")
-        if not sep or not name:
-            raise QueryError(f"--context needs NAME=TEXT, got {item!r}")
-        contexts[name] = text
+    contexts = _contexts(context)
     import tflow
 
     team = tflow.load(recipe, checkpoint, overrides or ())
-    unknown = sorted(set(contexts) - {s.name for s in team.senders})
-    if unknown:
-        raise QueryError(f"--context names unknown sender(s) {unknown}; senders: {[s.name for s in team.senders]}")
+    _check_senders(contexts, team)
     reply = team.communicate(question, channel=channel, contexts=[contexts] if contexts else None)
     typer.echo(reply.text)
     for warning in reply.warnings:
@@ -287,6 +309,56 @@ def bench(
     if json_file is not None:
         atomic_write_text(json_file, json.dumps(result, indent=2) + "\n")
         typer.echo(f"wrote {json_file}")
+
+
+@app.command()
+@reports_errors
+def serve(
+    recipe: RecipeArg,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Trained generator folder (a train.out_dir); without one only tflow-none and tflow-text are served.")]
+    = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on; 0 picks a free one.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Most rows (choices) in one batch.")] = 16,
+    max_wait_ms: Annotated[float, typer.Option(help="How long the oldest waiting request waits for batch-mates.")]
+    = 10.0,
+    max_queue: Annotated[int, typer.Option(help="Most requests waiting; more are answered 503.")] = 256,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="TFLOW_API_KEY", show_default=False,
+        help="Require Authorization: Bearer KEY on every endpoint but /health.")] = None,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body; larger ones are answered 413.")]
+    = 1 << 20,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch (default: torch's choice).")] = None,
+    overrides: SetOption = None,
+) -> None:
+    """Serve the team over an OpenAI-compatible API: one model id per channel (tflow-weights,
+    tflow-text, tflow-none), concurrent requests batched with a delta per row. Ctrl-C finishes the
+    requests in flight, then exits."""
+    from tflow.serving.app import ServeSettings
+    from tflow.serving.server import bind
+
+    settings = ServeSettings(host, port, max_batch, max_wait_ms, max_queue, api_key, max_body_bytes)
+    sock = bind(host, port)  # a taken port fails now, not after loading the models
+    try:
+        import torch
+
+        import tflow
+        from tflow.serving.app import create_app
+        from tflow.serving.server import listen, run
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        team = tflow.load(recipe, checkpoint, overrides or ())
+        channels = (["weights"] if checkpoint is not None else []) + ["text", "none"]
+        app = create_app(team, channels, settings)
+    except BaseException:
+        sock.close()
+        raise
+    address = listen(sock)
+    typer.echo(f"serving {', '.join('tflow-' + c for c in channels)} on {address}/v1 (Ctrl-C to stop)", err=True)
+    run(app, sock)
+    typer.echo("stopped", err=True)
 
 
 if __name__ == "__main__":

@@ -53,3 +53,7 @@ class OutputError(TflowError, OSError):
 
 class BenchError(TflowError, ValueError):
     """A benchmark that cannot run as asked: unknown shape, or a GPU-sized shape on CPU unforced."""
+
+
+class ServeError(TflowError, ValueError):
+    """A server that cannot start as asked: an option out of range, or an address it cannot bind."""
