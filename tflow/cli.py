@@ -361,5 +361,34 @@ def serve(
     typer.echo("stopped", err=True)
 
 
+@app.command()
+@reports_errors
+def export(
+    recipe: RecipeArg,
+    checkpoint: Annotated[Path, typer.Option(help="Trained generator folder (a train.out_dir).", show_default=False)],
+    query: Annotated[str, typer.Option(help="The query whose fused delta is exported.", show_default=False)],
+    out: Annotated[Path, typer.Option(help="Folder for adapter_config.json and adapter_model.safetensors.",
+                                      show_default=False)],
+    context: ContextOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Write one query's fused delta as a PEFT LoRA adapter (peft and vLLM load it)."""
+    from tflow.errors import QueryError
+    from tflow.io import writable_dir
+
+    if not query.strip():
+        raise QueryError("--query must not be empty")
+    contexts = _contexts(context)
+    writable_dir(out)  # fail before loading any weights
+    import tflow
+    from tflow.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_adapter
+
+    team = tflow.load(recipe, checkpoint, overrides or ())
+    _check_senders(contexts, team)
+    export_adapter(team, query, out, contexts)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        typer.echo(f"wrote {out / name}")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,81 @@
+"""`tflow export`: one query's fused delta as a PEFT LoRA adapter that peft and vLLM load.
+
+The adapter holds `base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r]
+for every targeted module. The delta's scale and the fusion gates are folded into B (the gates
+already are, by rank concatenation) and `lora_alpha` = r, so the adapter's own scaling is 1:
+one scale for the whole adapter, as vLLM applies it. peft then computes exactly W x + B (A x).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from tflow.channels import guard_delta
+from tflow.delta import LoRADelta
+from tflow.encoding import encode
+from tflow.errors import ChannelError, DeltaError
+from tflow.io import atomic_write_safetensors, atomic_write_text, writable_dir
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+
+
+def query_delta(team, query: str, contexts: Mapping[str, str] | None = None) -> LoRADelta:
+    """The fused delta the weights channel patches in for `query` (one row).
+
+    Raises:
+        ChannelError: the receiver has no generator.
+        DeltaError: the norm guard refuses the delta (not finite, or above max_delta_norm).
+    """
+    generator = team.receiver.generator
+    if generator is None:
+        raise ChannelError("exporting a delta needs a generator: load the team with a checkpoint")
+    per_sender = [[(contexts or {}).get(s.name)] for s in team.senders]
+    with torch.no_grad():
+        delta, refused = guard_delta(generator(encode(team.senders, [query], per_sender)), generator.max_delta_norm)
+    if refused[0] is not None:
+        raise DeltaError(f"no adapter written: {refused[0].removesuffix('; answered without it')}")
+    return delta.detach()
+
+
+def export_adapter(team, query: str, out: str | Path, contexts: Mapping[str, str] | None = None) -> Path:
+    """Write `query`'s fused delta to folder `out` as a PEFT LoRA adapter; returns `out`.
+
+    Raises:
+        ChannelError, DeltaError: as `query_delta`.
+        OutputError: `out` cannot be written.
+    """
+    out = writable_dir(out)
+    delta = query_delta(team, query, contexts)
+    ranks = {a.shape[1] for a, _ in delta.factors.values()}
+    if len(ranks) != 1:
+        raise DeltaError(f"modules disagree on rank ({sorted(ranks)}); a PEFT adapter needs one rank")
+    rank = ranks.pop()
+    tensors = {}
+    for name, (a, b) in delta.factors.items():
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a[0].contiguous()
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = (b[0] * delta.scale).contiguous()
+    model = team.receiver.model
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": rank,
+        "target_modules": sorted(delta.factors),
+        "base_model_name_or_path": getattr(model.config, "name_or_path", None) or None,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "fan_in_fan_out": False,
+        "lora_dropout": 0.0,
+        "inference_mode": True,
+    }
+    atomic_write_safetensors(tensors, out / ADAPTER_WEIGHTS, {"format": "pt"})
+    atomic_write_text(out / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
+    return out
