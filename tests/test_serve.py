@@ -156,6 +156,22 @@ def test_stream_of_n_choices_with_usage_and_ledger(team):
     assert ledgers[0]["usage"]["total_tokens"] == alone.usage.total_tokens and ledgers[0]["message_bytes"] > 0
 
 
+def test_sampled_requests_never_share_a_batch_with_greedy_ones(team):
+    messages = [{"role": "user", "content": "number fact"}]
+    with serving(team, max_batch=16, max_wait_ms=300) as (url, metrics):
+        api = client(url)
+        with ThreadPoolExecutor(2) as pool:
+            greedy = pool.submit(api.chat.completions.create, model="tflow-weights", messages=messages,
+                                 max_tokens=6, temperature=0)
+            sampled = pool.submit(api.chat.completions.create, model="tflow-weights", messages=messages,
+                                  max_tokens=6, temperature=0.8, top_p=0.9, n=3)
+            greedy, sampled = greedy.result(), sampled.result()
+    assert greedy.choices[0].message.content == offline(team, "number fact", max_tokens=6).text
+    assert [c.index for c in sampled.choices] == [0, 1, 2] and sampled.usage.completion_tokens <= 18
+    assert sample(metrics, "tflow_batch_size_count", channel="weights") == 2
+    assert sample(metrics, "tflow_batch_size_sum", channel="weights") == 4
+
+
 def test_client_gone_mid_stream_stops_only_its_own_row(team):
     long = offline(team, LONG, max_tokens=400)
     assert long.finish_reason == "length"  # the row would run all 400 steps if nobody stopped it

@@ -35,7 +35,8 @@ class Job:
     """One request: `n` rows of one query, and the queue of events the worker sends it.
 
     Events: ("started",) once its rows are admitted; ("delta", choice, text) while streaming;
-    then ("done", replies) with one Reply per choice, or ("error", APIError).
+    then ("done", replies) with one Reply per choice, or ("error", APIError). `cancelled` is set
+    when a streaming client goes away: its rows stop at the next decoding step.
     """
 
     channel: str
@@ -105,7 +106,6 @@ class Batcher:
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            self._drop_cancelled()
             if not self._waiting:
                 self._wake.clear()
                 await self._wake.wait()
@@ -128,13 +128,8 @@ class Batcher:
                     job.events.put_nowait(("error", APIError(500, "internal error; see the server log",
                                                              "server_error")))
 
-    def _drop_cancelled(self) -> None:
-        """Forget jobs whose client went away before their batch started."""
-        if any(job.cancelled for job in self._waiting):
-            self._waiting = deque(job for job in self._waiting if not job.cancelled)
-
     def _rows(self, kind: tuple) -> int:
-        return sum(job.n for job in self._waiting if job.kind == kind and not job.cancelled)
+        return sum(job.n for job in self._waiting if job.kind == kind)
 
     def _take(self, kind: tuple) -> list[Job]:
         """The oldest waiting jobs of `kind` that fit in `max_batch` rows, removed from the queue."""
