@@ -36,13 +36,16 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
                 temperature: float = 1.0, top_p: float = 1.0, num_beams: int = 1,
                 message_tokens: int = 256,
                 contexts: Sequence[Mapping[str, str]] | None = None,
-                stream: RowStream | None = None) -> Reply | list[Reply]:
+                stream: RowStream | None = None, delta: LoRADelta | None = None) -> Reply | list[Reply]:
     """Answer `query` (a str -> Reply; a list -> list of Replies, run as one batch) over `channel`.
 
     `max_new_tokens` is the receiver's budget, one for all queries or one per query.
     `contexts`, one mapping per query, gives a sender (by name) a private document for that
     query in place of its own `context`. `stream` (tflow.generation.RowStream) sees the
     receiver's tokens of every query as they are decoded, and may stop single queries.
+    `delta` (weights channel only), one row per query or one row for all, is applied in place of
+    the generated one: neither the senders nor the generator run, and the ledger holds the
+    receiver alone (ablations, a delta made earlier).
 
     Calls from several threads on shared models run one at a time, never mixing deltas.
     On the weights channel, a query whose generated delta is not finite or has a norm above
@@ -50,12 +53,16 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
     False, the reason in `Reply.warnings`); the other queries of the batch keep theirs.
 
     Raises:
-        ChannelError: unknown channel, or `weights` with a receiver that has no generator.
-        QueryError: empty query, bad token budget, or a prompt longer than the context.
+        ChannelError: unknown channel, `weights` with a receiver that has no generator (and no
+            `delta`), or a `delta` on another channel.
+        QueryError: empty query, bad token budget, a prompt longer than the context, or a `delta`
+            whose rows are neither one nor one per query.
     """
     if channel not in CHANNELS:
         raise ChannelError(f"unknown channel {channel!r}; choose one of: {', '.join(CHANNELS)}")
-    if channel == "weights" and receiver.generator is None:
+    if delta is not None and channel != "weights":
+        raise ChannelError(f"a delta is the weights channel's message; the {channel} channel takes none")
+    if channel == "weights" and receiver.generator is None and delta is None:
         raise ChannelError("the weights channel needs a generator on the receiver: "
                            "use tflow.load(recipe, checkpoint=DIR) or Receiver(..., generator=...)")
     if channel != "none" and not senders:
@@ -63,6 +70,8 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
     queries = [query] if isinstance(query, str) else list(query)
     if not queries or any(not isinstance(q, str) or not q.strip() for q in queries):
         raise QueryError("every query must be a non-empty string")
+    if delta is not None and delta.batch_size not in (1, len(queries)):
+        raise QueryError(f"the delta has {delta.batch_size} rows for {len(queries)} queries; give one row or one per query")
     if message_tokens <= 0:
         raise QueryError(f"message_tokens must be > 0, got {message_tokens}")
     budgets = _budgets(max_new_tokens, len(queries))
@@ -73,8 +82,11 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
         raise QueryError(f"got {len(contexts)} contexts for {len(queries)} queries; give one mapping per query")
     per_sender = [[(c or {}).get(name) for c in contexts] for name in names] if contexts is not None else None
     with _exclusive([s.model for s in senders] + [receiver.model]):
-        run = {"none": _none, "text": _text, "weights": _weights}[channel]
-        replies = run(senders, receiver, queries, settings, names, message_tokens, per_sender, decode)
+        if channel == "weights":
+            replies = _weights(senders, receiver, queries, settings, names, per_sender, decode, delta)
+        else:
+            run = {"none": _none, "text": _text}[channel]
+            replies = run(senders, receiver, queries, settings, names, message_tokens, per_sender, decode)
     return replies[0] if isinstance(query, str) else replies
 
 
@@ -104,19 +116,24 @@ def _none(senders, receiver, queries, settings, names, message_tokens, contexts,
     ]
 
 
-def _weights(senders, receiver, queries, settings, names, message_tokens, contexts, decode):
+def _weights(senders, receiver, queries, settings, names, contexts, decode, given):
     stages = _Stages(senders, receiver)
-    with stages("senders"):
-        states = encode(senders, queries, contexts)
-    with stages("generator"), torch.no_grad():
-        delta, refused = guard_delta(receiver.generator(states), receiver.generator.max_delta_norm)
+    bound = receiver.generator.max_delta_norm if receiver.generator is not None else None
+    states = None
+    if given is None:
+        with stages("senders"):
+            states = encode(senders, queries, contexts)
+        with stages("generator"), torch.no_grad():
+            delta, refused = guard_delta(receiver.generator(states), bound)
+    else:  # one row for all queries is repeated; the guard still applies
+        delta, refused = guard_delta(given.expand(len(queries) // given.batch_size), bound)
     with stages("receiver"), patched(receiver.model, delta):
         out = generate(receiver.model, receiver.tokenizer, [receiver.prompt(q) for q in queries], settings, **decode)
     per_row_bytes = delta.num_bytes // delta.batch_size
     replies = []
     for q, text in enumerate(out.texts):
-        ledger = {names[s]: _usage(sender, int(states.prompt_tokens[s * len(queries) + q]), 0)
-                  for s, sender in enumerate(senders)}
+        ledger = {} if states is None else {names[s]: _usage(sender, int(states.prompt_tokens[s * len(queries) + q]), 0)
+                                            for s, sender in enumerate(senders)}
         ledger[receiver.name] = _usage(receiver, out.prompt_tokens[q], out.generated_tokens[q])
         replies.append(Reply(text, "weights", Usage(ledger), message_bytes=per_row_bytes, **stages.measured,
                              delta_applied=refused[q] is None, warnings=[refused[q]] if refused[q] else [],

@@ -84,14 +84,37 @@ class LoRADelta:
     def row_norms(self) -> Tensor:
         """Per-row Frobenius norm of the whole update: sqrt(sum over modules ||scale * B_b A_b||_F^2).
 
-        Computed from r x r Gram matrices, ||B A||_F^2 = sum((A Aᵀ) * (Bᵀ B)), without forming
-        B A. Returns [batch] float32; NaN or inf where a row's factors are not finite.
+        Returns [batch] float32; NaN or inf where a row's factors are not finite.
         """
-        total = 0
-        for a, b in self.factors.values():
-            a, b = a.detach().float(), b.detach().float()
-            total = total + ((a @ a.mT) * (b.mT @ b)).sum((1, 2))
+        total = sum(self._squared_norms().values())
         return abs(self.scale) * total.clamp_min(0).sqrt()
+
+    def module_row_norms(self) -> dict[str, Tensor]:
+        """Per-module, per-row Frobenius norm ||scale * B_b A_b||_F: {module_name: [batch] float32}."""
+        return {name: abs(self.scale) * sq.clamp_min(0).sqrt() for name, sq in self._squared_norms().items()}
+
+    def _squared_norms(self) -> dict[str, Tensor]:
+        """{module: [batch]} ||B_b A_b||_F^2 from r x r Gram matrices, sum((A Aᵀ) * (Bᵀ B)), never forming B A."""
+        squared = {}
+        for name, (a, b) in self.factors.items():
+            a, b = a.detach().float(), b.detach().float()
+            squared[name] = ((a @ a.mT) * (b.mT @ b)).sum((1, 2))
+        return squared
+
+    def mean(self) -> LoRADelta:
+        """The exact mean update over the rows, as one row of rank batch * r (rank concatenation).
+
+        (1/n) sum_b B_b A_b == cat_b(B_b / n) cat_b(A_b). `patched` applies a one-row delta to
+        every row of a batch.
+        """
+        n = self.batch_size
+        factors = {name: (a.reshape(1, -1, a.shape[2]), (b / n).permute(1, 0, 2).reshape(1, b.shape[1], -1))
+                   for name, (a, b) in self.factors.items()}
+        return LoRADelta(factors, self.scale)
+
+    def scaled(self, factor: float) -> LoRADelta:
+        """This delta times `factor` (the factors are shared, only `scale` changes)."""
+        return LoRADelta(self.factors, self.scale * factor)
 
     def zero_rows(self, rows: Tensor) -> LoRADelta:
         """This delta with the A and B of the rows in bool mask `rows` [batch] set to zero.
@@ -153,6 +176,22 @@ class LoRADelta:
                 b_parts.append(b * (w * (delta.scale / scale)))
             factors[name] = (torch.cat(a_parts, dim=1), torch.cat(b_parts, dim=2))
         return LoRADelta(factors, scale)
+
+    @staticmethod
+    def stack_rows(deltas: Sequence[LoRADelta]) -> LoRADelta:
+        """One delta whose rows are the rows of `deltas`, in order (same modules, ranks and scale).
+
+        Raises:
+            DeltaError: no deltas, or deltas that differ in modules or scale.
+        """
+        if not deltas:
+            raise DeltaError("stack_rows needs at least one delta")
+        first = deltas[0]
+        if any(d.factors.keys() != first.factors.keys() or d.scale != first.scale for d in deltas):
+            raise DeltaError("stack_rows needs deltas of the same modules and scale")
+        return LoRADelta({name: (torch.cat([d.factors[name][0] for d in deltas]),
+                                 torch.cat([d.factors[name][1] for d in deltas])) for name in first.factors},
+                         first.scale)
 
     def save(self, path: str | Path) -> None:
         """Write the delta to a safetensors file atomically."""

@@ -55,5 +55,9 @@ class BenchError(TflowError, ValueError):
     """A benchmark that cannot run as asked: unknown shape, or a GPU-sized shape on CPU unforced."""
 
 
+class AblationError(TflowError, ValueError):
+    """An ablation that does not exist or cannot run here (one sender, one query, an untrained channel)."""
+
+
 class ServeError(TflowError, ValueError):
     """A server that cannot start as asked: an option out of range, or an address it cannot bind."""

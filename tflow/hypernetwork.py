@@ -41,8 +41,12 @@ class Hypernetwork(nn.Module):
 
     def forward(self, states: SenderStates) -> LoRADelta:
         """One delta with a row per query: rank = num_senders * generator rank."""
+        return LoRADelta.concat(self.shares(states))
+
+    def shares(self, states: SenderStates) -> list[LoRADelta]:
+        """Each sender's gated delta, a row per query; `forward`'s delta is their exact sum."""
         device = self.fusion.gate_logits.device
         mask = states.mask.to(device)
         cond = self.aggregation(states.hidden.to(device), mask)
         factors = self.generator(cond, mask)
-        return self.fusion(factors, states.num_senders, self.generator.scale)
+        return self.fusion.shares(factors, states.num_senders, self.generator.scale)
