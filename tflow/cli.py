@@ -201,12 +201,15 @@ def eval_(
     = Path("runs/eval"),
     split: Annotated[str, typer.Option(help="Dataset split (relay always uses its held-out test split).")] = "test",
     batch_size: Annotated[int, typer.Option(min=1, help="Queries per batched call.")] = 8,
+    ablations: Annotated[str | None, typer.Option(
+        help="Comma-separated ablations of the weights channel: shuffled, static, drop-sender, scale.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Compare channels on a task under one cost ledger and write a report to --out.
 
     Prints the table: accuracy, processed tokens and time of each channel, with ratios against text
-    and none.
+    and none, and, with --ablations, the accuracy of each ablation row. The weights channel's delta
+    diagnostics go into the report.
     """
     from tflow.errors import ChannelError, DataError
     from tflow.evaluate import parse_channels
@@ -224,6 +227,9 @@ def eval_(
     if name is None:
         raise DataError("no task to evaluate: pass --task NAME or set data.task in the recipe")
     chosen = tasks.get(name)
+    from tflow.diagnostics import parse_ablations
+
+    parse_ablations(ablations, names, [s.name for s in loaded.senders])
     out = writable_dir(out)
     import tflow
     from tflow.data import eval_examples
@@ -233,7 +239,7 @@ def eval_(
     examples = eval_examples(loaded, chosen, split, limit)
     team = tflow.load(loaded, checkpoint)
     typer.echo(f"evaluating {', '.join(names)} on {len(examples)} {name} examples -> {out}")
-    result = evaluate(team, chosen, examples, names, batch_size=batch_size, progress=progress)
+    result = evaluate(team, chosen, examples, names, batch_size=batch_size, progress=progress, ablations=ablations)
     typer.echo(render_table(write_report(result, out)))
     for file in REPORT_FILES:
         typer.echo(f"wrote {out / file}")

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from tflow.channels import CHANNELS
-from tflow.errors import ChannelError, DataError, QueryError
+from tflow.diagnostics import ABLATABLE, derangement, parse_ablations
+from tflow.errors import AblationError, ChannelError, DataError, QueryError
 from tflow.reply import Reply
 from tflow.tasks import Example, Task
 from tflow.team import Team
@@ -46,6 +47,8 @@ class ChannelResult:
     tokens_by_stage: dict[str, int] = field(default_factory=lambda: {"senders": 0, "receiver": 0})
     kv_cache_bytes: int = 0
     message_bytes: int = 0
+    holders: list[str | None] = field(default_factory=list)
+    donor_accuracy: float | None = None  # shuffled rows: replies right for the query whose message they got
 
     @property
     def correct(self) -> int:
@@ -59,6 +62,15 @@ class ChannelResult:
     def refused_deltas(self) -> int:
         """Queries whose generated delta the guard refused (non-finite or over the bound)."""
         return sum(p.delta_applied is False for p in self.predictions)
+
+    def accuracy_by_holder(self) -> dict[str, dict[str, float | int]]:
+        """{sender: {"n", "accuracy"}} over the examples whose fact that sender held (`meta["holder"]`,
+        as relay examples say); empty when no example says."""
+        by: dict[str, list[bool]] = {}
+        for holder, p in zip(self.holders, self.predictions, strict=True):
+            if holder is not None:
+                by.setdefault(holder, []).append(p.correct)
+        return {h: {"n": len(v), "accuracy": sum(v) / len(v)} for h, v in sorted(by.items())}
 
     @property
     def seconds(self) -> float:
@@ -85,15 +97,23 @@ class ChannelResult:
                 len(self.predictions), example.question, example.answer, task.extract(reply.text), reply.text,
                 task.score(reply.text, example), reply.usage.total_tokens, reply.delta_applied,
             ))
+            self.holders.append(example.meta.get("holder"))
 
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Every channel's result on `n` examples of `task`, in the order the channels ran."""
+    """Every channel's result on `n` examples of `task`, in the order the channels ran.
+
+    `ablations[channel][row]`: that channel answering with ablated messages (`tflow.diagnostics`);
+    `diagnostics[channel]`: `tflow.diagnostics.summarize` of its messages. Both only for channels
+    with a trained part.
+    """
 
     task: str
     n: int
     channels: dict[str, ChannelResult]
+    ablations: dict[str, dict[str, ChannelResult]] = field(default_factory=dict)
+    diagnostics: dict[str, dict] = field(default_factory=dict)
 
 
 def parse_channels(spec: str | Sequence[str]) -> list[str]:
@@ -112,32 +132,72 @@ def parse_channels(spec: str | Sequence[str]) -> list[str]:
 
 
 def evaluate(team: Team, task: Task, examples: Sequence[Example], channels: str | Sequence[str], *,
-             batch_size: int = 8, progress: bool = False) -> EvalResult:
+             batch_size: int = 8, progress: bool = False, ablations: str | Sequence[str] | None = None) -> EvalResult:
     """Run each channel over `examples` in batched `team.communicate` calls and score the replies.
 
     Each query is `task.prompt(example)` with the example's per-sender contexts; decoding uses
-    the team recipe's `generate` settings.
+    the team recipe's `generate` settings. Every channel with a trained part (weights) also gets
+    its diagnostics, and a result per ablation row when `ablations` names any (`tflow.diagnostics`).
 
     Raises:
         ChannelError: an unknown channel (checked before anything runs), or one the team cannot run.
+        AblationError: an unknown ablation, drop-sender with one sender, shuffled with one example,
+            or ablations with no channel that has a trained part (checked before anything runs).
         DataError: no examples.
         QueryError: batch_size < 1.
     """
     names = parse_channels(channels)
+    chosen = parse_ablations(ablations, names, [s.name for s in team.senders])
     if not examples:
         raise DataError("no examples to evaluate")
     if batch_size < 1:
         raise QueryError(f"batch_size must be >= 1, got {batch_size}")
-    results = {}
+    if "shuffled" in chosen and len(examples) < 2:
+        raise AblationError("shuffled needs at least 2 examples to swap messages between, got 1")
+    result = EvalResult(task.name, len(examples), {})
     columns = [*Progress.get_default_columns()[:-1], MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, disable=not progress) as bar:
         for channel in names:
-            result = results[channel] = ChannelResult(channel)
-            job = bar.add_task(f"{task.name} · {channel}", total=len(examples))
-            for start in range(0, len(examples), batch_size):
-                batch = examples[start : start + batch_size]
-                replies = team.communicate([task.prompt(ex) for ex in batch], channel=channel,
-                                           contexts=[ex.contexts for ex in batch])
-                result.add(batch, replies, task, team.receiver.name)
-                bar.advance(job, len(batch))
-    return EvalResult(task.name, len(examples), results)
+            result.channels[channel] = _run(team, task, examples, channel, batch_size, bar)
+        for channel in (c for c in names if c in ABLATABLE):
+            checks = ABLATABLE[channel]
+            messages = checks.collect(team.senders, team.receiver, [task.prompt(ex) for ex in examples],
+                                      [ex.contexts for ex in examples], batch_size)
+            result.diagnostics[channel] = checks.summarize(messages, team.receiver)
+            if chosen:
+                rows = checks.ablate(messages, chosen)
+                result.ablations[channel] = {row: _run(team, task, examples, channel, batch_size, bar, (row, m))
+                                             for row, m in rows.items()}
+                _score_donors(result.ablations[channel].get("shuffled"), task, examples)
+    return result
+
+
+def _run(team: Team, task: Task, examples: Sequence[Example], channel: str, batch_size: int, bar,
+         ablation: tuple[str, object] | None = None) -> ChannelResult:
+    """One channel over every example in batched calls; `ablation` = (row, messages over all examples)
+    answers with those messages instead of the channel's own."""
+    result = ChannelResult(channel)
+    label = channel if ablation is None else f"{channel} · {ablation[0]}"
+    job = bar.add_task(f"{task.name} · {label}", total=len(examples))
+    for start in range(0, len(examples), batch_size):
+        rows = slice(start, start + batch_size)
+        batch = examples[rows]
+        given = {}
+        if ablation is not None:
+            checks = ABLATABLE[channel]
+            given[checks.keyword] = checks.part(ablation[1], rows)
+        replies = team.communicate([task.prompt(ex) for ex in batch], channel=channel,
+                                   contexts=[ex.contexts for ex in batch], **given)
+        result.add(batch, replies, task, team.receiver.name)
+        bar.advance(job, len(batch))
+    return result
+
+
+def _score_donors(shuffled: ChannelResult | None, task: Task, examples: Sequence[Example]) -> None:
+    """Set the shuffled row's `donor_accuracy`: its replies scored against the examples whose
+    messages they got (`tflow.diagnostics.derangement`, as the ablation draws it)."""
+    if shuffled is None:
+        return
+    donors = [examples[j] for j in derangement(len(examples))]
+    right = [task.score(p.reply, donor) for p, donor in zip(shuffled.predictions, donors, strict=True)]
+    shuffled.donor_accuracy = sum(right) / len(right)
