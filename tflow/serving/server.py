@@ -6,8 +6,11 @@ batcher and returns normally.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
+import sys
 import threading
 
 from tflow.errors import ServeError
@@ -45,26 +48,40 @@ def listen(sock: socket.socket) -> str:
 
 
 def uvicorn_server(app, log_level: str = "warning"):
-    """A uvicorn server for `app` (no access log; run it with `.run(sockets=[sock])`)."""
+    """A uvicorn server for `app` (no access log; run it with `.run(sockets=[sock])`).
+
+    Ctrl-C and SIGTERM start uvicorn's graceful shutdown and are not raised again once it is done
+    (uvicorn's own handling re-raises them). A second one stops the process at once with exit
+    code 130, dropping the requests in flight, where uvicorn would print the app's cancelled
+    lifespan as a traceback.
+    """
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on"))
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit:
+                print("stopped at once: the requests in flight were dropped", file=sys.stderr, flush=True)
+                os._exit(130)
+            self.should_exit = True
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server(uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on"))
 
 
 def run(app, sock: socket.socket, log_level: str = "warning") -> None:
-    """Serve `app` on the bound `sock` until Ctrl-C or SIGTERM; in-flight requests finish first.
-
-    uvicorn handles the signal (graceful shutdown) and then raises it again; the KeyboardInterrupt
-    that follows is the end of a clean shutdown, not an error.
-    """
-    server = uvicorn_server(app, log_level)
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
+    """Serve `app` on the bound `sock` until Ctrl-C or SIGTERM; in-flight requests finish first."""
     try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass
+        uvicorn_server(app, log_level).run(sockets=[sock])
     finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
         sock.close()
