@@ -196,6 +196,21 @@ def test_given_delta_answers_as_the_weights_channel_does(team, examples, deltas)
         team.communicate(queries[:2], channel="weights", delta=deltas.fused())
 
 
+def test_one_given_row_answers_every_query_as_that_row_repeated_and_is_guarded(team, examples, deltas):
+    queries = [relay.Relay().prompt(ex) for ex in examples[:3]]
+    row = deltas.fused().select([0])
+    one = team.communicate(queries, channel="weights", delta=row)
+    assert [r.text for r in one] == [r.text for r in team.communicate(queries, channel="weights", delta=row.expand(3))]
+    assert all(r.delta_applied for r in one)
+    team.receiver.generator.max_delta_norm = row.row_norms().item() / 2
+    try:
+        refused = team.communicate(queries, channel="weights", delta=row)
+    finally:
+        team.receiver.generator.max_delta_norm = None
+    assert [r.delta_applied for r in refused] == [False] * 3 and all("exceeds" in r.warnings[0] for r in refused)
+    assert [r.text for r in refused] == [r.text for r in team.communicate(queries, channel="none")]
+
+
 def test_guard_refuses_rows_over_the_bound_and_diagnostics_show_them(team, examples):
     task, generator = relay.Relay(), team.receiver.generator
     queries = [task.prompt(ex) for ex in examples]

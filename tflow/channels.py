@@ -125,8 +125,9 @@ def _weights(senders, receiver, queries, settings, names, contexts, decode, give
             states = encode(senders, queries, contexts)
         with stages("generator"), torch.no_grad():
             delta, refused = guard_delta(receiver.generator(states), bound)
-    else:  # one row for all queries is repeated; the guard still applies
-        delta, refused = guard_delta(given.expand(len(queries) // given.batch_size), bound)
+    else:  # the guard judges a row shared by all queries once; patching repeats it per query
+        delta, refused = guard_delta(given, bound)
+        refused = refused * (len(queries) // given.batch_size)
     with stages("receiver"), patched(receiver.model, delta):
         out = generate(receiver.model, receiver.tokenizer, [receiver.prompt(q) for q in queries], settings, **decode)
     per_row_bytes = delta.num_bytes // delta.batch_size
