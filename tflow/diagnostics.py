@@ -235,9 +235,9 @@ def _specific(gram: Tensor) -> Tensor:
 def summarize(deltas: SenderDeltas, receiver: Receiver) -> dict:
     """The diagnostics of a report (plain data): norms, per-query norms and cross-query cosines.
 
-    Layers and module kinds are those of `receiver.generator.spec`. Norms by layer and kind and the cosines are over the applied deltas; the per-query norms are
-    the generated ones, refused rows included (NaN and inf written as None), so they can be read
-    against `max_delta_norm`. The cosines compare the first `COSINE_QUERIES` applied non-zero
+    Layers and module kinds are those of `receiver.generator.spec`. Norms by layer and kind and
+    the cosines are over the applied deltas; the per-query norms are the generated ones, refused
+    rows included (NaN and inf written as None), so they can be read against `max_delta_norm`. The cosines compare the first `COSINE_QUERIES` applied non-zero
     deltas with each other (each pair once), and `query_specific_share` is the mean over them of
     `query_specific_shares`: cosines near 1 say the deltas share one direction, this says how much
     of each delta is left for its own query.
