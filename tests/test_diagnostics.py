@@ -289,3 +289,15 @@ def test_shuffled_on_one_example_fails_before_any_channel_runs(team, examples, m
     monkeypatch.setattr(Team, "communicate", lambda *a, **k: pytest.fail("a channel ran"))
     with pytest.raises(AblationError, match="shuffled needs at least 2 examples"):
         evaluate(team, relay.Relay(), examples[:1], ["weights"], ablations="shuffled")
+
+
+def test_diagnostics_without_ablations_cover_the_first_queries_only(team, examples, monkeypatch):
+    import tflow.evaluate as evaluation
+
+    monkeypatch.setattr(evaluation, "DIAGNOSTIC_QUERIES", 4)
+    task = relay.Relay()
+    plain = evaluate(team, task, examples, ["weights"], batch_size=4)
+    ablated = evaluate(team, task, examples, ["weights"], batch_size=4, ablations=["scale"])
+    assert plain.diagnostics["weights"]["queries"] == 4 and len(plain.diagnostics["weights"]["row_norms"]) == 4
+    assert ablated.diagnostics["weights"]["queries"] == len(examples) == 6
+    assert plain.diagnostics["weights"]["row_norms"] == ablated.diagnostics["weights"]["row_norms"][:4]

@@ -131,6 +131,10 @@ def parse_channels(spec: str | Sequence[str]) -> list[str]:
     return names
 
 
+DIAGNOSTIC_QUERIES = 64
+"""Queries the delta diagnostics cover when no ablation asks for all of them."""
+
+
 def evaluate(team: Team, task: Task, examples: Sequence[Example], channels: str | Sequence[str], *,
              batch_size: int = 8, progress: bool = False, ablations: str | Sequence[str] | None = None) -> EvalResult:
     """Run each channel over `examples` in batched `team.communicate` calls and score the replies.
@@ -138,6 +142,8 @@ def evaluate(team: Team, task: Task, examples: Sequence[Example], channels: str 
     Each query is `task.prompt(example)` with the example's per-sender contexts; decoding uses
     the team recipe's `generate` settings. Every channel with a trained part (weights) also gets
     its diagnostics, and a result per ablation row when `ablations` names any (`tflow.diagnostics`).
+    The diagnostics rerun the senders and the generator and keep every delta in memory, so without
+    ablations they cover the first `DIAGNOSTIC_QUERIES` examples only; with ablations, all of them.
 
     Raises:
         ChannelError: an unknown channel (checked before anything runs), or one the team cannot run.
@@ -161,8 +167,9 @@ def evaluate(team: Team, task: Task, examples: Sequence[Example], channels: str 
             result.channels[channel] = _run(team, task, examples, channel, batch_size, bar)
         for channel in (c for c in names if c in ABLATABLE):
             checks = ABLATABLE[channel]
-            messages = checks.collect(team.senders, team.receiver, [task.prompt(ex) for ex in examples],
-                                      [ex.contexts for ex in examples], batch_size)
+            sample = examples if chosen else examples[:DIAGNOSTIC_QUERIES]
+            messages = checks.collect(team.senders, team.receiver, [task.prompt(ex) for ex in sample],
+                                      [ex.contexts for ex in sample], batch_size)
             result.diagnostics[channel] = checks.summarize(messages, team.receiver)
             if chosen:
                 rows = checks.ablate(messages, chosen)
