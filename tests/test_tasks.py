@@ -260,3 +260,15 @@ def test_hub_loading_reads_every_mmlu_subject_and_wraps_failures(monkeypatch):
     assert len(tasks.get("mmlu").load(config="virology")) == 3
     with pytest.raises(DataError, match="cannot load 'broken/set' for task 'gsm8k': offline"):
         tasks.get("gsm8k").load("broken/set")
+
+
+def test_extract_reads_a_reply_as_score_does_when_given_the_example():
+    mmlu = tasks.get("mmlu")
+    example = Example("Which is a fruit?", "B", meta={"choices": ["carrot", "apple", "leek", "kale"]})
+    reply = "The answer is apple."
+    assert mmlu.score(reply, example) and mmlu.extract(reply, example) == "B"
+    assert mmlu.extract(reply) == ""  # without the choices, the text names no letter
+    relay_task = tasks.get("relay")
+    doc_example = Example("What is the password of Oslo?", "zq7", meta={"facts": [("Oslo", "zq7"), ("Rome", "572")]})
+    assert relay_task.extract("The password of Oslo is zq7.", doc_example) == "zq7"
+    assert relay_task.extract("The password of Oslo is zq7.") == ""

@@ -94,7 +94,7 @@ class ChannelResult:
             self.kv_cache_bytes += reply.usage.kv_cache_bytes
             self.message_bytes += reply.message_bytes
             self.predictions.append(Prediction(
-                len(self.predictions), example.question, example.answer, task.extract(reply.text), reply.text,
+                len(self.predictions), example.question, example.answer, task.extract(reply.text, example), reply.text,
                 task.score(reply.text, example), reply.usage.total_tokens, reply.delta_applied,
             ))
             self.holders.append(example.meta.get("holder"))

@@ -100,8 +100,9 @@ class Task:
         """The user message asking `example`'s question."""
         return f"{example.question.strip()}\n\n{self.instruction}"
 
-    def extract(self, text: str) -> str:
-        """The predicted final answer in a reply."""
+    def extract(self, text: str, example: Example | None = None) -> str:
+        """The predicted final answer in a reply; `example`, when given, lets a task read it as
+        `score` does (a choice named by its text, the candidates of the example's documents)."""
         return text.strip()
 
     def score(self, text: str, example: Example) -> bool:

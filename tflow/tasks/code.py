@@ -209,15 +209,15 @@ class CodeTask(Task):
     def __init__(self, timeout: float = 10.0):
         self.timeout = timeout
 
-    def extract(self, text: str) -> str:
-        return extract_code(text)
+    def extract(self, text: str, example: Example | None = None) -> str:
+        return extract_code(text, None if example is None else example.meta.get("entry_point"))
 
     def program(self, code: str, example: Example) -> str:
         """The script that runs `code` against `example`'s tests."""
         raise NotImplementedError
 
     def score(self, text: str, example: Example) -> bool:
-        code = extract_code(text, example.meta.get("entry_point"))
+        code = self.extract(text, example)
         return run_program(self.program(code, example), self.timeout)
 
 

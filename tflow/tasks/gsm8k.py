@@ -51,7 +51,7 @@ class GSM8K(Task):
     def gold(self, raw: Any) -> str:
         return str(raw).rsplit("####", 1)[-1].strip().replace(",", "")
 
-    def extract(self, text: str) -> str:
+    def extract(self, text: str, example: Example | None = None) -> str:
         text = visible(text)
         boxed = last_boxed(text)
         if boxed is not None:

@@ -139,7 +139,7 @@ class MATH(Task):
         boxed = last_boxed(str(raw))
         return str(raw).strip() if boxed is None else boxed
 
-    def extract(self, text: str) -> str:
+    def extract(self, text: str, example: Example | None = None) -> str:
         text = visible(text)
         boxed = last_boxed(text)
         if boxed is not None:

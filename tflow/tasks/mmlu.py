@@ -114,13 +114,13 @@ class MMLURedux(Task):
         listed = "\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices, strict=False))
         return f"{example.question.strip()}\n\n{listed}\n\n{self.instruction}"
 
-    def extract(self, text: str) -> str:
-        return extract_letter(text)
+    def extract(self, text: str, example: Example | None = None) -> str:
+        choices = None if example is None else example.meta.get("choices")
+        return extract_letter(text, [] if choices is None else [str(c) for c in choices])
 
     def score(self, text: str, example: Example) -> bool:
         """Whether the reply picks the gold letter; a reply may name its choice by the choice's text."""
-        choices = example.meta.get("choices")
-        return extract_letter(text, [] if choices is None else [str(c) for c in choices]) == example.answer
+        return self.extract(text, example) == example.answer
 
     def configs(self, source: str, config: str | None) -> list[str | None]:
         if config is not None:

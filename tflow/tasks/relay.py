@@ -218,13 +218,19 @@ class Relay(Task):
             return KINDS[example.meta["kind"]][0].format(entity=example.meta["entity"], value=example.answer)
         return f" {example.answer}"
 
-    def extract(self, text: str) -> str:
-        """Every value of any kind the reply states, in order, each once, joined by ", "."""
-        return ", ".join(_mentioned(text, VALUES))
+    def extract(self, text: str, example: Example | None = None) -> str:
+        """Every candidate value the reply states, in order, each once, joined by ", ": the values
+        of every kind, and those of the example's documents."""
+        return ", ".join(_mentioned(text, _candidates(example)))
 
     def score(self, text: str, example: Example) -> bool:
-        candidates = VALUES | {str(v).casefold() for _, v in example.meta.get("facts", ())}
-        return _mentioned(text, candidates) == [example.answer.casefold()]
+        return _mentioned(text, _candidates(example)) == [example.answer.casefold()]
+
+
+def _candidates(example: Example | None) -> Collection[str]:
+    if example is None:
+        return VALUES
+    return VALUES | {str(v).casefold() for _, v in example.meta.get("facts", ())}
 
 
 def _mentioned(text: str, candidates: Collection[str]) -> list[str]:
