@@ -32,14 +32,13 @@ from tflow.encoding import encode
 from tflow.patching import patched
 
 
-def value_states(team, examples) -> list[list[tuple[torch.Tensor, bool]]]:
+def value_states(team, task, examples) -> list[list[tuple[torch.Tensor, bool]]]:
     """Per query: (hidden [layers + 1, H] at the value's last token, is-the-asked-fact) per fact."""
-    splits_task = load_splits(team.recipe).task
     tok = team.receiver.tokenizer
     out = []
     for b in range(0, len(examples), 16):
         chunk = examples[b:b + 16]
-        queries = [splits_task.prompt(ex) for ex in chunk]
+        queries = [task.prompt(ex) for ex in chunk]
         contexts = [[ex.contexts.get(s.name) for ex in chunk] for s in team.senders]
         states = encode(team.senders, queries, contexts)
         for qi, ex in enumerate(chunk):
@@ -81,15 +80,15 @@ def probe_hits(train, test, feature) -> int:
 
 def states(recipe: str) -> None:
     team = tflow.load(recipe)
-    data = value_states(team, load_splits(team.recipe).train[:240])
+    splits = load_splits(team.recipe)
+    data = value_states(team, splits.task, splits.train[:240])
     train, test = data[:180], data[180:]
-    layers = data[0][0][0].shape[0]
+    layers, width = data[0][0][0].shape
 
     def normed_mean(h: torch.Tensor) -> torch.Tensor:
         return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).mean(0)
 
-    projection = torch.randn(h_size := data[0][0][0].shape[-1], 128, generator=torch.Generator().manual_seed(0))
-    projection /= h_size ** 0.5
+    projection = torch.randn(width, 128, generator=torch.Generator().manual_seed(0)) / width ** 0.5
     features = {f"layer {layer}": (lambda h, layer=layer: h[layer]) for layer in range(0, layers, 3)}
     features |= {"mean of all layers": normed_mean,
                  "mean of all layers, random projection to 128": lambda h: normed_mean(h) @ projection,
