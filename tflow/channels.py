@@ -77,7 +77,7 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
     budgets = _budgets(max_new_tokens, len(queries))
     settings = GenerationSettings(max(budgets), do_sample, temperature, top_p, num_beams)
     decode = {"budgets": budgets if len(set(budgets)) > 1 else None, "stream": stream}
-    names = _names(senders, receiver)
+    names = sender_names(senders, receiver)
     if contexts is not None and len(contexts) != len(queries):
         raise QueryError(f"got {len(contexts)} contexts for {len(queries)} queries; give one mapping per query")
     per_sender = [[(c or {}).get(name) for c in contexts] for name in names] if contexts is not None else None
@@ -207,7 +207,12 @@ def _token_id_bytes(tokenizer) -> int:
     return 2 if len(tokenizer) <= 1 << 16 else 4
 
 
-def _names(senders: Sequence[Sender], receiver: Receiver) -> list[str]:
+def sender_names(senders: Sequence[Sender], receiver: Receiver) -> list[str]:
+    """Every sender's name (an unnamed one is `sender{i}`), checked unique among all agents.
+
+    Raises:
+        ChannelError: two agents share a name.
+    """
     names = [s.name or f"sender{i}" for i, s in enumerate(senders)]
     if len(set(names + [receiver.name])) != len(names) + 1:
         raise ChannelError(f"agent names must be unique, got senders {names} and receiver {receiver.name!r}")

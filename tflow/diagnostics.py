@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from tflow.agents import Receiver, Sender
-from tflow.channels import _names, guard_delta
+from tflow.channels import guard_delta, sender_names
 from tflow.delta import LoRADelta
 from tflow.encoding import encode
 from tflow.errors import AblationError, ChannelError
@@ -81,7 +81,7 @@ def sender_deltas(senders: Sequence[Sender], receiver: Receiver, queries: Sequen
     if generator is None:
         raise ChannelError("delta diagnostics need a generator on the receiver: "
                            "use tflow.load(recipe, checkpoint=DIR) or Receiver(..., generator=...)")
-    names = _names(senders, receiver)
+    names = sender_names(senders, receiver)
     parts: list[list[LoRADelta]] = [[] for _ in senders]
     refused = []
     for start in range(0, len(queries), batch_size):
