@@ -50,5 +50,6 @@ def build(config: Mapping[str, Any], spec: ReceiverSpec, sender_hidden_size: int
 # Imported last so their @register calls find the registry above; this order is `available()`.
 from generators import param_tokens  # noqa: E402, F401, I001
 from generators import mlp  # noqa: E402, F401, I001
+from generators import basis  # noqa: E402, F401, I001
 
 __all__ = ["Generator", "available", "build", "masked_mean", "register"]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from tflow.delta import LoRADelta
 from tflow.errors import RecipeError, TargetError
 from tflow.spec import ReceiverSpec
 
@@ -35,8 +36,47 @@ def _number_problem(cfg: Mapping[str, Any], key: str, integer: bool, valid: Call
     return [] if valid(value) else [f"generator.{key}: must be {need}, got {value}"]
 
 
-class Detokenizer(nn.Module):
-    """Per-module-kind heads turning one d_model token per (layer, kind) slot into LoRA factors.
+class SlotHead(nn.Module):
+    """Reads one d_model token per (layer, module kind) slot and emits each targeted module's part.
+
+    Subclasses build their parameters per kind (`self.shapes`: kind -> (in, out)) and implement
+    `emit(kind, tokens [N, layers of kind, d_model])`, one output per layer of that kind.
+
+    Raises:
+        TargetError: one module kind with different shapes in different layers.
+    """
+
+    def __init__(self, spec: ReceiverSpec):
+        super().__init__()
+        self.layers = tuple(spec.layers)
+        self.kinds = tuple(dict.fromkeys(m.kind for m in spec.modules))
+        self.names = tuple(spec.module_names)
+        position = {layer: i for i, layer in enumerate(self.layers)}
+        self.slot_names: dict[str, list[str]] = {k: [] for k in self.kinds}
+        self.slot_layers: dict[str, list[int]] = {k: [] for k in self.kinds}
+        self.shapes: dict[str, tuple[int, int]] = {}
+        for m in spec.modules:
+            if self.shapes.setdefault(m.kind, (m.in_features, m.out_features)) != (m.in_features, m.out_features):
+                raise TargetError(
+                    f"{m.kind} is {self.shapes[m.kind]} in one layer but {(m.in_features, m.out_features)} "
+                    f"in {m.name}; a generator needs one (in, out) shape per target kind"
+                )
+            self.slot_names[m.kind].append(m.name)
+            self.slot_layers[m.kind].append(position[m.layer])
+
+    def forward(self, tokens: Tensor) -> dict:
+        """tokens: [N, len(layers), len(kinds), d_model] -> {module name: what `emit` gives for it}."""
+        out = {}
+        for k, kind in enumerate(self.kinds):
+            out.update(zip(self.slot_names[kind], self.emit(kind, tokens[:, self.slot_layers[kind], k]), strict=True))
+        return {name: out[name] for name in self.names}
+
+    def emit(self, kind: str, tokens: Tensor) -> Sequence:
+        raise NotImplementedError
+
+
+class Detokenizer(SlotHead):
+    """Per-module-kind heads turning each slot's token into LoRA factors (A [N, r, in], B [N, out, r]).
 
     B heads start at exactly zero (weights and biases), so a fresh generator is a no-op; A heads
     start like a LoRA A: entries of std ~1/sqrt(in_features) for layer-normalised tokens.
@@ -45,48 +85,25 @@ class Detokenizer(nn.Module):
     O(1) token entries), coherently in all modules: on a 30-layer receiver one step at lr 1e-3
     took a fresh delta's norm from 0 to 79 and the loss up. `head_scale = 1/d_model` keeps each
     step's change of B near lr, whatever d_model.
-
-    Raises:
-        TargetError: one module kind with different shapes in different layers.
     """
 
     def __init__(self, spec: ReceiverSpec, d_model: int, rank: int, head_scale: float = 1.0):
-        super().__init__()
+        super().__init__(spec)
         self.rank = rank
         self.head_scale = head_scale
-        self.layers = tuple(spec.layers)
-        self.kinds = tuple(dict.fromkeys(m.kind for m in spec.modules))
-        self.names = tuple(spec.module_names)
-        position = {layer: i for i, layer in enumerate(self.layers)}
-        self.slot_names: dict[str, list[str]] = {k: [] for k in self.kinds}
-        self.slot_layers: dict[str, list[int]] = {k: [] for k in self.kinds}
-        shapes: dict[str, tuple[int, int]] = {}
-        for m in spec.modules:
-            if shapes.setdefault(m.kind, (m.in_features, m.out_features)) != (m.in_features, m.out_features):
-                raise TargetError(
-                    f"{m.kind} is {shapes[m.kind]} in one layer but {(m.in_features, m.out_features)} "
-                    f"in {m.name}; a generator needs one (in, out) shape per target kind"
-                )
-            self.slot_names[m.kind].append(m.name)
-            self.slot_layers[m.kind].append(position[m.layer])
-        self.a = nn.ModuleDict({k: nn.Linear(d_model, rank * i) for k, (i, _) in shapes.items()})
-        self.b = nn.ModuleDict({k: nn.Linear(d_model, o * rank) for k, (_, o) in shapes.items()})
-        for kind, (in_features, _) in shapes.items():
+        self.a = nn.ModuleDict({k: nn.Linear(d_model, rank * i) for k, (i, _) in self.shapes.items()})
+        self.b = nn.ModuleDict({k: nn.Linear(d_model, o * rank) for k, (_, o) in self.shapes.items()})
+        for kind, (in_features, _) in self.shapes.items():
             nn.init.normal_(self.a[kind].weight, std=1.0 / math.sqrt(d_model * in_features))
             nn.init.zeros_(self.a[kind].bias)
             nn.init.zeros_(self.b[kind].weight)
             nn.init.zeros_(self.b[kind].bias)
 
-    def forward(self, tokens: Tensor) -> Factors:
-        """tokens: [N, len(layers), len(kinds), d_model] -> {name: (A [N, r, in], B [N, out, r])}."""
-        factors: Factors = {}
-        for k, kind in enumerate(self.kinds):
-            picked = tokens[:, self.slot_layers[kind], k]
-            a = rearrange(self.a[kind](picked), "n l (r i) -> l n r i", r=self.rank)
-            b = rearrange(self.b[kind](picked) * self.head_scale, "n l (o r) -> l n o r", r=self.rank)
-            pairs = zip(a.unbind(0), b.unbind(0), strict=True)
-            factors.update(zip(self.slot_names[kind], pairs, strict=True))
-        return {name: factors[name] for name in self.names}
+    def emit(self, kind: str, tokens: Tensor) -> Sequence[tuple[Tensor, Tensor]]:
+        """tokens: [N, l, d_model] -> l pairs (A [N, r, in], B [N, out, r])."""
+        a = rearrange(self.a[kind](tokens), "n l (r i) -> l n r i", r=self.rank)
+        b = rearrange(self.b[kind](tokens) * self.head_scale, "n l (o r) -> l n o r", r=self.rank)
+        return list(zip(a.unbind(0), b.unbind(0), strict=True))
 
 
 class Generator(nn.Module):
@@ -113,7 +130,15 @@ class Generator(nn.Module):
         self.rank: int = self.config["rank"]
         self.alpha: float = self.config["alpha"]
         self.scale = self.alpha / self.rank
-        self.detokenizer = Detokenizer(spec, self.config["d_model"], self.rank, self.config["head_scale"])
+        self.detokenizer = self.head(spec)
+
+    def head(self, spec: ReceiverSpec) -> SlotHead:
+        """The head that turns refined slot tokens into each module's part: LoRA factors here."""
+        return Detokenizer(spec, self.config["d_model"], self.rank, self.config["head_scale"])
+
+    def delta(self, cond: Tensor, mask: Tensor) -> LoRADelta:
+        """`forward`'s output as a delta with this generator's scale, a row per condition row."""
+        return LoRADelta(self(cond, mask), self.scale)
 
     @classmethod
     def resolve(cls, config: Mapping[str, Any]) -> dict[str, Any]:

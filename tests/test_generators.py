@@ -8,7 +8,7 @@ from tflow import ReceiverSpec
 from tflow.errors import RecipeError, TargetError
 from tflow.spec import TargetModule
 
-KINDS = ["param_tokens", "mlp"]
+KINDS = ["param_tokens", "mlp"]  # the kinds that emit per-row LoRA factors; basis: tests/test_basis.py
 SMALL = {"d_model": 32, "depth": 2, "heads": 4}
 
 
@@ -32,7 +32,7 @@ def condition(n=3, t=6, h=64, seed=0):
 
 
 def test_registry_lists_kinds_in_registration_order():
-    assert generators.available() == ["param_tokens", "mlp"]
+    assert generators.available() == ["param_tokens", "mlp", "basis"]
     with pytest.raises(ValueError, match="already registered"):
         generators.register("mlp")(generators.Generator)
 
@@ -150,7 +150,7 @@ def test_unknown_kind_lists_available(qwen, config, what):
     spec = ReceiverSpec.from_model(qwen)
     with pytest.raises(RecipeError) as err:
         generators.build(config, spec, 64)
-    assert err.value.problems == [f"generator.kind: {what}; available: param_tokens, mlp"]
+    assert err.value.problems == [f"generator.kind: {what}; available: param_tokens, mlp, basis"]
 
 
 def test_kind_with_two_shapes_is_rejected():

@@ -56,6 +56,11 @@ class LoRADelta:
         return next(iter(self.factors.values()))[0].shape[0]
 
     @property
+    def modules(self) -> tuple[str, ...]:
+        """The names of the modules this delta patches."""
+        return tuple(self.factors)
+
+    @property
     def num_bytes(self) -> int:
         """Bytes held by all factors (what a weight-space message weighs)."""
         return sum(t.numel() * t.element_size() for pair in self.factors.values() for t in pair)
@@ -100,6 +105,10 @@ class LoRADelta:
             a, b = a.detach().float(), b.detach().float()
             squared[name] = ((a @ a.mT) * (b.mT @ b)).sum((1, 2))
         return squared
+
+    def lora(self) -> LoRADelta:
+        """This delta as per-row LoRA factors: itself (`BasisDelta.lora` converts a basis delta)."""
+        return self
 
     def mean(self) -> LoRADelta:
         """The exact mean update over the rows, as one row of rank batch * r (rank concatenation).

@@ -27,9 +27,10 @@ from torch import Tensor
 
 from tflow.agents import Receiver, Sender
 from tflow.channels import guard_delta, sender_names
-from tflow.delta import LoRADelta
+from tflow.basis import BasisDelta
 from tflow.encoding import encode
 from tflow.errors import AblationError, ChannelError
+from tflow.fusion import Delta, fuse
 from tflow.spec import ReceiverSpec
 
 ABLATIONS = ("shuffled", "static", "drop-sender", "scale")
@@ -47,24 +48,24 @@ class SenderDeltas:
     """
 
     senders: tuple[str, ...]
-    shares: tuple[LoRADelta, ...]
+    shares: tuple[Delta, ...]
     refused: Tensor
 
     @property
     def num_queries(self) -> int:
         return self.shares[0].batch_size
 
-    def applied(self) -> tuple[LoRADelta, ...]:
+    def applied(self) -> tuple[Delta, ...]:
         """The shares as the receiver gets them: refused rows zeroed."""
         return tuple(share.zero_rows(self.refused) for share in self.shares)
 
-    def fused(self) -> LoRADelta:
+    def fused(self) -> Delta:
         """The delta the weights channel patches in: all applied shares, rank-concatenated."""
-        return LoRADelta.concat(self.applied())
+        return fuse(self.applied())
 
-    def generated(self) -> LoRADelta:
+    def generated(self) -> Delta:
         """The fused delta before the guard (for its norms)."""
-        return LoRADelta.concat(self.shares)
+        return fuse(self.shares)
 
 
 def sender_deltas(senders: Sequence[Sender], receiver: Receiver, queries: Sequence[str],
@@ -82,7 +83,7 @@ def sender_deltas(senders: Sequence[Sender], receiver: Receiver, queries: Sequen
         raise ChannelError("delta diagnostics need a generator on the receiver: "
                            "use tflow.load(recipe, checkpoint=DIR) or Receiver(..., generator=...)")
     names = sender_names(senders, receiver)
-    parts: list[list[LoRADelta]] = [[] for _ in senders]
+    parts: list[list[Delta]] = [[] for _ in senders]
     refused = []
     for start in range(0, len(queries), batch_size):
         batch = list(queries[start : start + batch_size])
@@ -91,11 +92,11 @@ def sender_deltas(senders: Sequence[Sender], receiver: Receiver, queries: Sequen
             per_sender = [[(c or {}).get(name) for c in contexts[start : start + batch_size]] for name in names]
         with torch.no_grad():
             shares = generator.shares(encode(senders, batch, per_sender))
-        _, reasons = guard_delta(LoRADelta.concat(shares), generator.max_delta_norm)
+        _, reasons = guard_delta(fuse(shares), generator.max_delta_norm)
         refused += [reason is not None for reason in reasons]
         for kept, share in zip(parts, shares, strict=True):
             kept.append(share.detach().to("cpu"))
-    shares = tuple(LoRADelta.stack_rows(kept) for kept in parts)
+    shares = tuple(type(kept[0]).stack_rows(kept) for kept in parts)
     return SenderDeltas(tuple(names), shares, torch.tensor(refused, dtype=torch.bool))
 
 
@@ -115,7 +116,7 @@ def derangement(n: int, seed: int = 0) -> list[int]:
     return order
 
 
-def ablate(deltas: SenderDeltas, names: Sequence[str], *, seed: int = 0) -> dict[str, LoRADelta]:
+def ablate(deltas: SenderDeltas, names: Sequence[str], *, seed: int = 0) -> dict[str, Delta]:
     """The delta each ablation row answers with: {row: a row per query, or one row for all}.
 
     Rows: `shuffled` (query i gets query order[i]'s delta, `derangement(n, seed)`), `static`
@@ -135,7 +136,7 @@ def ablate(deltas: SenderDeltas, names: Sequence[str], *, seed: int = 0) -> dict
         elif name == "drop-sender":
             applied = deltas.applied()
             for s, sender in enumerate(deltas.senders):
-                rows[f"drop-sender:{sender}"] = LoRADelta.concat(applied[:s] + applied[s + 1:])
+                rows[f"drop-sender:{sender}"] = fuse(applied[:s] + applied[s + 1:])
         elif name == "scale":
             rows.update({f"scale:{k:g}": fused.scaled(k) for k in SCALES})
     return rows
@@ -176,7 +177,7 @@ def parse_ablations(spec: str | Sequence[str] | None, channels: Sequence[str], s
     return names
 
 
-def norms_by_layer_and_kind(delta: LoRADelta, spec: ReceiverSpec) -> dict:
+def norms_by_layer_and_kind(delta: Delta, spec: ReceiverSpec) -> dict:
     """The mean over rows of each module's norm ||scale * B A||_F, as a layer x kind grid.
 
     Returns {"layers": [...], "kinds": [...], "mean_norm": [[per kind] per layer]}; None where a
@@ -192,7 +193,7 @@ def norms_by_layer_and_kind(delta: LoRADelta, spec: ReceiverSpec) -> dict:
     return {"layers": layers, "kinds": kinds, "mean_norm": grid}
 
 
-def cosine_similarities(delta: LoRADelta) -> Tensor:
+def cosine_similarities(delta: Delta) -> Tensor:
     """[batch, batch] cosine similarity of the rows' whole updates over every module.
 
     cos(i, j) = <dW_i, dW_j>_F / (||dW_i|| ||dW_j||) with dW_b = B_b A_b; NaN where a row is zero.
@@ -200,19 +201,26 @@ def cosine_similarities(delta: LoRADelta) -> Tensor:
     return _cosines(_gram(delta))
 
 
-def query_specific_shares(delta: LoRADelta) -> Tensor:
+def query_specific_shares(delta: Delta) -> Tensor:
     """[batch] the share of each row's squared norm that is not the rows' mean update:
     ||dW_i - mean_j dW_j||^2 / ||dW_i||^2 (0: every row is the mean; NaN where a row is zero)."""
     return _specific(_gram(delta))
 
 
-def _gram(delta: LoRADelta) -> Tensor:
+def _gram(delta: Delta) -> Tensor:
     """[batch, batch] <dW_i, dW_j>_F summed over modules (the scale left out), on the CPU.
 
     From <B_i A_i, B_j A_j>_F = sum((A_i A_jᵀ) * (B_iᵀ B_j)): r x r blocks, B A is never formed.
+    On a shared basis, <V M_i U, V M_j U>_F = sum(M_i * (Vᵀ V) M_j (U Uᵀ)): K x K blocks.
     """
     n = delta.batch_size
     gram = torch.zeros(n, n)
+    if isinstance(delta, BasisDelta):
+        for name, core in delta.cores.items():
+            u, v = (t.detach().float().cpu() for t in delta.basis[name])
+            m = core.detach().float().cpu()
+            gram += torch.einsum("iab,jab->ij", m, (v.T @ v) @ m @ (u @ u.T))
+        return gram
     for a, b in delta.factors.values():
         a, b = a.detach().float().cpu(), b.detach().float().cpu()
         r = a.shape[1]
@@ -293,7 +301,7 @@ class Ablatable:
     keyword: str
 
 
-def _delta_part(delta: LoRADelta, rows: slice) -> LoRADelta:
+def _delta_part(delta: Delta, rows: slice) -> Delta:
     return delta if delta.batch_size == 1 else delta.select(rows)
 
 

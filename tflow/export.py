@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from tflow.channels import guard_delta
-from tflow.delta import LoRADelta
 from tflow.encoding import encode
 from tflow.errors import ChannelError, DeltaError
+from tflow.fusion import Delta
 from tflow.io import atomic_write_safetensors, atomic_write_text, writable_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -25,7 +25,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 
 
-def query_delta(team, query: str, contexts: Mapping[str, str] | None = None) -> LoRADelta:
+def query_delta(team, query: str, contexts: Mapping[str, str] | None = None) -> Delta:
     """The fused delta the weights channel patches in for `query` (one row).
 
     Raises:
@@ -51,7 +51,7 @@ def export_adapter(team, query: str, out: str | Path, contexts: Mapping[str, str
         OutputError: `out` cannot be written.
     """
     out = writable_dir(out)
-    delta = query_delta(team, query, contexts)
+    delta = query_delta(team, query, contexts).lora()  # a basis delta: A = U, B = V M, rank K
     ranks = {a.shape[1] for a, _ in delta.factors.values()}
     if len(ranks) != 1:
         raise DeltaError(f"modules disagree on rank ({sorted(ranks)}); a PEFT adapter needs one rank")

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.functional import softplus
 
+from tflow.basis import BasisDelta
 from tflow.delta import LoRADelta
+
+Delta = LoRADelta | BasisDelta
 
 
 class Fusion(nn.Module):
     """Gate g_s = softplus(w_s) > 0 per sender; fused delta = sum_s g_s * delta_s (exact).
 
-    `shares` gives each sender's gated delta; their sum (`LoRADelta.concat`) is one delta of rank
-    S * r: A = cat_s(A_s), B = cat_s(g_s * B_s), so the receiver runs one matmul pair per module
-    whatever the number of senders. Kept apart, the shares let an ablation drop one sender's.
+    `shares` gives each sender's gated delta; their sum (`fuse`) is one delta: for LoRA factors
+    of rank S * r, A = cat_s(A_s), B = cat_s(g_s * B_s), so the receiver runs one matmul pair per
+    module whatever the number of senders; on a shared basis the gated cores add, rank K. Kept apart, the shares let an ablation drop one sender's.
     w_s starts at softplus^-1(gate_init), so every sender starts with weight `gate_init`.
     """
 
@@ -29,13 +33,13 @@ class Fusion(nn.Module):
         """Per-sender gates: [num_senders], all positive."""
         return softplus(self.gate_logits)
 
-    def shares(self, factors: dict[str, tuple[Tensor, Tensor]], num_senders: int, scale: float) -> list[LoRADelta]:
-        """factors: {module: (A [S * Q, r, in], B [S * Q, out, r])}, sender-major rows -> each sender's
-        delta over Q rows, its gate folded into B: g_s * delta_s."""
-        rows = next(iter(factors.values()))[0].shape[0] // num_senders
+    def shares(self, delta: Delta, num_senders: int) -> list[Delta]:
+        """delta: S * Q rows, sender-major -> each sender's delta over Q rows, its gate folded in: g_s * delta_s."""
+        rows = delta.batch_size // num_senders
         gates = self.gates()
-        return [
-            LoRADelta({k: (a[s * rows : (s + 1) * rows], b[s * rows : (s + 1) * rows] * gates[s])
-                       for k, (a, b) in factors.items()}, scale)
-            for s in range(num_senders)
-        ]
+        return [fuse([delta.select(slice(s * rows, (s + 1) * rows))], [gates[s]]) for s in range(num_senders)]
+
+
+def fuse(deltas: Sequence[Delta], weights: Sequence[float | Tensor] | None = None) -> Delta:
+    """The exact weighted sum of deltas of one kind: `LoRADelta.concat` or `BasisDelta.concat`."""
+    return type(deltas[0]).concat(deltas, weights)

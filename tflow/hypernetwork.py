@@ -1,4 +1,4 @@
-"""Hypernetwork: sender states -> one fused per-query LoRADelta (aggregation, generator, fusion)."""
+"""Hypernetwork: sender states -> one fused per-query delta (aggregation, generator, fusion)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from torch import nn
 
 import generators
 from tflow.conditioning import LayerAggregation
-from tflow.delta import LoRADelta
 from tflow.encoding import SenderStates
-from tflow.fusion import Fusion
+from tflow.fusion import Delta, Fusion, fuse
 from tflow.spec import ReceiverSpec
 
 
@@ -39,14 +38,13 @@ class Hypernetwork(nn.Module):
             "gate_init": gate_init,
         }
 
-    def forward(self, states: SenderStates) -> LoRADelta:
-        """One delta with a row per query: rank = num_senders * generator rank."""
-        return LoRADelta.concat(self.shares(states))
+    def forward(self, states: SenderStates) -> Delta:
+        """One delta with a row per query: the senders' shares fused."""
+        return fuse(self.shares(states))
 
-    def shares(self, states: SenderStates) -> list[LoRADelta]:
+    def shares(self, states: SenderStates) -> list[Delta]:
         """Each sender's gated delta, a row per query; `forward`'s delta is their exact sum."""
         device = self.fusion.gate_logits.device
         mask = states.mask.to(device)
         cond = self.aggregation(states.hidden.to(device), mask)
-        factors = self.generator(cond, mask)
-        return self.fusion.shares(factors, states.num_senders, self.generator.scale)
+        return self.fusion.shares(self.generator.delta(cond, mask), states.num_senders)
