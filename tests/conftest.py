@@ -43,12 +43,25 @@ def random_delta(model, batch, rank=4, scale=0.5, seed=0, targets=None, std=0.2)
     return LoRADelta(factors, scale=scale)
 
 
+def random_basis_delta(model, batch, k=4, scale=0.5, seed=0, std=0.2):
+    """A random shared basis (U [k, in], V [out, k]) and random per-row cores for every targeted linear."""
+    from tflow import ReceiverSpec
+    from tflow.basis import BasisDelta
+
+    spec = ReceiverSpec.from_model(model)
+    g = torch.Generator().manual_seed(seed)
+    basis = {m.name: (torch.randn(k, m.in_features, generator=g) * std, torch.randn(m.out_features, k, generator=g) * std)
+             for m in spec.modules}
+    return BasisDelta(basis, {name: torch.randn(batch, k, k, generator=g) for name in basis}, scale=scale)
+
+
 def merged_copy(model, delta, row):
-    """A copy of `model` with W + scale * B_row A_row merged into every delta module."""
+    """A copy of `model` with W + scale * B_row A_row merged into every delta module (any delta kind)."""
     import copy
 
     clone = copy.deepcopy(model)
     modules = dict(clone.named_modules())
+    delta = delta.lora()
     with torch.no_grad():
         for name, (a, b) in delta.factors.items():
             modules[name].weight += delta.scale * b[row] @ a[row]

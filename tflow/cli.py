@@ -256,11 +256,13 @@ def demo(
         min=0, help="Seed of the backbone, its pretraining and the generator; the held-out facts stay the same.")] = 0,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for torch.")] = 1,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    overrides: OverridesArg = None,
 ) -> None:
     """The embedded default: weight-space communication shown end to end, offline, on CPU.
 
     Builds a tiny model, pretrains it on the relay format, trains a generator, and compares the
     none, text and weights channels on held-out facts (report files as `tflow eval` writes them).
+    KEY=VALUE overrides apply to recipes/demo.yaml, for example `generator.kind=basis generator.rank=16`.
     """
     import torch
 
@@ -268,7 +270,7 @@ def demo(
 
     torch.set_num_threads(threads)
     settings = DemoSettings(pretrain_steps=pretrain_steps, train_steps=train_steps, eval_limit=eval_limit,
-                            seed=seed)
+                            seed=seed, overrides=tuple(overrides or ()))
     run_demo(out, settings, progress=progress, say=typer.echo)
     typer.echo(f"report: {out / 'report.md'} (and report.json, report.png, predictions.jsonl)")
 

@@ -33,6 +33,7 @@ class DemoSettings:
     seed: int | None = None  # None: the recipe's seed (backbone init, pretraining, generator training)
     eval_limit: int | None = None  # None: the recipe's data.relay.n_test
     batch_size: int = 32
+    overrides: tuple[str, ...] = ()  # KEY=VALUE for the recipe, e.g. ("generator.kind=basis",)
 
 
 def message(example: Example) -> str:
@@ -89,7 +90,7 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings = DemoSetting
 
     hf_logging.disable_progress_bar()
     out = writable_dir(Path(out))
-    overrides = [f"train.out_dir={out / 'generator'}"]
+    overrides = [*settings.overrides, f"train.out_dir={out / 'generator'}"]
     if settings.train_steps is not None:
         overrides.append(f"train.max_steps={settings.train_steps}")
     if settings.seed is not None:

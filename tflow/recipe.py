@@ -153,10 +153,12 @@ class ReceiverSection(_Section):
 class GeneratorSection(_Section):
     """The hypernetwork turning sender hidden states into per-query LoRA factors."""
 
-    kind: Literal["param_tokens", "mlp"] = "param_tokens"
-    """Architecture: `param_tokens` (transformer over parameter tokens, the paper's) or `mlp`."""
-    rank: int = Field(4, gt=0)
-    """LoRA rank r of each sender's delta (the fused delta has rank r × senders)."""
+    kind: Literal["param_tokens", "mlp", "basis"] = "param_tokens"
+    """Architecture: `param_tokens` (transformer over parameter tokens, the paper's), `mlp`, or
+    `basis` (the param-token trunk emitting a K x K core per module on a shared learned basis)."""
+    rank: int | None = Field(None, gt=0)
+    """LoRA rank r of each sender's delta (the fused delta has rank r × senders); for `basis`, the
+    basis size K (senders' cores add, so the fused delta has rank K). null: 4, or 16 for `basis`."""
     alpha: float = Field(8.0, gt=0)
     """LoRA alpha; deltas are scaled by alpha / rank."""
     targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
@@ -178,6 +180,12 @@ class GeneratorSection(_Section):
     """Largest norm of a query's delta the receiver accepts: the Frobenius norm of all its modules'
     updates together, sqrt(sum ||scale·B A||²). A query whose delta exceeds it, or is not finite
     (always refused), is answered without the delta and its reply says so; null: no bound."""
+
+    @model_validator(mode="after")
+    def _default_rank(self) -> GeneratorSection:
+        if self.rank is None:
+            self.rank = 16 if self.kind == "basis" else 4
+        return self
 
     @field_validator("targets", "layers")
     @classmethod
