@@ -1,8 +1,9 @@
-"""Patched vs plain greedy decode, measured side by side in one run (issue: patching core).
+"""Patched vs plain greedy decode, measured side by side in one run: per-row LoRA factors and a basis delta.
 
-Shape: hidden 512, 4 layers, batch 8, rank 8, all 7 linear types, 64 prompt + 32 new tokens, CPU.
-Plain is a hookless twin on the same weight tensors (tflow.bench.hookless_twin). Prints per-variant median seconds and the
-median per-round patched/plain ratio. Run: python benchmarks/patch_decode.py
+Shape: hidden 512, 4 layers, batch 8, rank 8 (basis K 16), all 7 linear types, 64 prompt + 32 new
+tokens, CPU. Plain is a hookless twin on the same weight tensors (tflow.bench.hookless_twin). Prints
+per-variant median seconds and the median per-round patched/plain ratios.
+Run: python benchmarks/patch_decode.py [--hidden 1024 --layers 8 --intermediate 2816 --heads 16 --kv-heads 8]
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--k", type=int, default=16, help="basis size K of the basis delta")
+    parser.add_argument("--intermediate", type=int, help="MLP width (default: 2 x hidden)")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
@@ -32,15 +37,20 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tok = tiny.tokenizer()
-    shape = dict(hidden_size=args.hidden, num_layers=args.layers, num_heads=8, num_kv_heads=4)
+    shape = dict(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads)
+    if args.intermediate:
+        shape["intermediate_size"] = args.intermediate
     model = bench_model(tok, shape, torch.device("cpu"), torch.float32)
     figures = measure_decode(model, hookless_twin(model), len(tok), batch=args.batch, rank=args.rank,
-                             prompt_tokens=args.prompt, new_tokens=args.new, repeats=args.repeats)
+                             prompt_tokens=args.prompt, new_tokens=args.new, repeats=args.repeats, k=args.k)
     result = {"shape": vars(args), "plain_s": figures["plain_s"], "patched_s": figures["patched_s"],
-              "patch_overhead": figures["ratio"], "machine": machine(torch.device("cpu"), torch.float32)}
+              "basis_s": figures["basis_s"], "patch_overhead": figures["ratio"],
+              "patch_overhead_basis": figures["basis_ratio"], "machine": machine(torch.device("cpu"), torch.float32)}
     print(f"plain   {result['plain_s'] * 1e3:8.1f} ms   (median of {args.repeats})")
-    print(f"patched {result['patched_s'] * 1e3:8.1f} ms")
-    print(f"patched/plain = {result['patch_overhead']:.3f}   ({torch.get_num_threads()} threads)")
+    print(f"patched {result['patched_s'] * 1e3:8.1f} ms   rank {args.rank}")
+    print(f"basis   {result['basis_s'] * 1e3:8.1f} ms   K {args.k}")
+    print(f"patched/plain = {result['patch_overhead']:.3f}, basis/plain = {result['patch_overhead_basis']:.3f}"
+          f"   ({torch.get_num_threads()} threads)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -24,6 +24,7 @@ from torch import nn
 import tflow
 from tflow import tiny
 from tflow.agents import Receiver, Sender
+from tflow.basis import BasisDelta
 from tflow.delta import LoRADelta
 from tflow.encoding import encode
 from tflow.errors import BenchError
@@ -41,7 +42,8 @@ SHAPES: dict[str, dict[str, int]] = {
                      intermediate_size=9728),
 }
 GPU_SHAPES = ("qwen3-4b",)
-GENERATOR_KINDS = ("param_tokens", "mlp")
+GENERATOR_KINDS = ("param_tokens", "mlp", "basis")
+BASIS_K = 16  # the basis size the basis generator and the basis decode runs use
 ROLES = ("You are a strategist: say how to approach the task, not the answer.",
          "You are a knowledge extractor: list the facts and constraints, do not solve.",
          "You are a critic: point out what could go wrong.")
@@ -73,7 +75,7 @@ class Plan:
     def make(cls, quick: bool, message_tokens: int | None = None, repeats: int | None = None) -> Plan:
         rounds = repeats or (3 if quick else 5)
         if quick:
-            plan = cls(((8, 8), (1, 8)), 32, 16, 64, 128, 2, rounds, 3 * rounds)
+            plan = cls(((8, 8), (1, 8), (32, 8)), 32, 16, 64, 128, 2, rounds, 3 * rounds)
         else:
             plan = cls(tuple((b, r) for b in (1, 8, 32) for r in (4, 8, 16)), 64, 32, 128, 256, 4, rounds, rounds)
         return replace(plan, message_tokens=message_tokens or plan.message_tokens)
@@ -86,7 +88,9 @@ def run_bench(shape: str = "medium", quick: bool = False, *, device: str | None 
     the receiver backbone of `recipe` (a loaded Recipe: a real model, with its own tokenizer).
 
     Returns a JSON-ready dict with `patch_overhead` (patched/plain decode, batch 8, rank 8),
-    `weights_vs_none` and `text_vs_weights` (end-to-end time ratios), the raw timings and the machine.
+    `weights_vs_none` and `text_vs_weights` (end-to-end time ratios), the same for a basis delta
+    (`patch_overhead_basis` at batch 8 and `patch_overhead_basis_batch32`, K = 16;
+    `weights_vs_none_basis`), every generator's `message_bytes`, the raw timings and the machine.
 
     Raises:
         BenchError: unknown shape, or a GPU-sized shape on CPU without `force`.
@@ -118,17 +122,24 @@ def run_bench(shape: str = "medium", quick: bool = False, *, device: str | None 
     queries = QUERIES[: plan.queries]
     encoding = measure_encoding(model, tok, queries, plan.repeats)
     generators = measure_generators(model, tok, queries, plan.repeats)
-    channels = measure_channels(model, tok, queries, plan, _hypernet(model, GENERATOR_KINDS[0], 2))
+    channels = measure_channels(model, tok, queries, plan, {"weights": _hypernet(model, "param_tokens", 2),
+                                                           "weights_basis": _hypernet(model, "basis", 2)})
     weights_s = channels["weights"]["seconds"]
     own_s = generators[GENERATOR_KINDS[0]]["seconds"]
     for g in generators.values():  # the share each kind would take in place of the channel's own generator
         g["share"] = g["seconds"] / (weights_s - own_s + g["seconds"])
     headline = next(d for d in decode if (d["batch"], d["rank"]) == (8, 8))
+    wide = next((d for d in decode if (d["batch"], d["rank"]) == (32, 8)), None)
     info["load_average_1m_after"] = os.getloadavg()[0]
     return {
         "patch_overhead": headline["ratio"],
         "weights_vs_none": channels.pop("weights_vs_none"),
         "text_vs_weights": channels.pop("text_vs_weights"),
+        "patch_overhead_basis": headline["basis_ratio"],
+        "patch_overhead_batch32": wide and wide["ratio"],
+        "patch_overhead_basis_batch32": wide and wide["basis_ratio"],
+        "weights_vs_none_basis": channels.pop("weights_basis_vs_none"),
+        "message_bytes": {kind: g["message_bytes"] for kind, g in generators.items()},
         "shape": shape, "quick": quick, "plan": asdict(plan),
         "model": {k: getattr(model.config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                          "num_key_value_heads", "head_dim", "intermediate_size")},
@@ -165,13 +176,18 @@ def hookless_twin(model: nn.Module) -> nn.Module:
 
 
 def measure_decode(model: nn.Module, plain: nn.Module, vocab: int, *, batch: int, rank: int,
-                   prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
-    """Greedy generate() with a random delta on every targeted linear of `model` vs `plain`, its hookless twin."""
+                   prompt_tokens: int, new_tokens: int, repeats: int, k: int = BASIS_K) -> dict:
+    """Greedy generate() with a random delta on every targeted linear of `model` vs `plain`, its
+    hookless twin: per-row LoRA factors of `rank`, and cores on a shared basis of size `k`."""
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
+    modules = ReceiverSpec.from_model(model).modules
     delta = LoRADelta({m.name: (torch.randn(batch, rank, m.in_features, generator=g) * 0.02,
                                 torch.randn(batch, m.out_features, rank, generator=g) * 0.02)
-                       for m in ReceiverSpec.from_model(model).modules}, scale=2.0).to(device)
+                       for m in modules}, scale=2.0).to(device)
+    basis = BasisDelta({m.name: (torch.randn(k, m.in_features, generator=g) * 0.02,
+                                 torch.randn(m.out_features, k, generator=g) * 0.02) for m in modules},
+                       {m.name: torch.randn(batch, k, k, generator=g) for m in modules}, scale=2.0).to(device)
     ids = torch.randint(3, vocab, (batch, prompt_tokens), generator=g).to(device)
     settings = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                     min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.generation_config.pad_token_id)
@@ -180,13 +196,15 @@ def measure_decode(model: nn.Module, plain: nn.Module, vocab: int, *, batch: int
         with torch.no_grad():
             plain.generate(**settings)
 
-    def run_patched() -> None:
-        with patched(model, delta), torch.no_grad():
+    def run_patched(d) -> None:
+        with patched(model, d), torch.no_grad():
             model.generate(**settings)
 
-    times = interleaved({"plain": run_plain, "patched": run_patched}, repeats)
-    return {"batch": batch, "rank": rank, "plain_s": statistics.median(times["plain"]),
+    times = interleaved({"plain": run_plain, "patched": functools.partial(run_patched, delta),
+                         "basis": functools.partial(run_patched, basis)}, repeats)
+    return {"batch": batch, "rank": rank, "k": k, "plain_s": statistics.median(times["plain"]),
             "patched_s": statistics.median(times["patched"]), "ratio": ratio(times["patched"], times["plain"]),
+            "basis_s": statistics.median(times["basis"]), "basis_ratio": ratio(times["basis"], times["plain"]),
             "round_seconds": times}
 
 
@@ -205,40 +223,51 @@ def measure_encoding(model: nn.Module, tok, queries: Sequence[str], repeats: int
 
 
 def measure_generators(model: nn.Module, tok, queries: Sequence[str], repeats: int) -> dict[str, dict]:
-    """Seconds of the weights channel's generator stage (aggregation, generator, fusion) per generator kind."""
+    """Per generator kind: seconds of the weights channel's generator stage (aggregation, generator,
+    fusion) and the bytes of one query's fused delta, the message (two senders)."""
     states = encode(_senders(model, tok, 2), queries)
     nets = {kind: _hypernet(model, kind, 2) for kind in GENERATOR_KINDS}
 
-    def forward(net: Hypernetwork) -> None:
+    def forward(net: Hypernetwork):
         with torch.no_grad():
-            net(states)
+            return net(states)
 
     times = interleaved({kind: functools.partial(forward, net) for kind, net in nets.items()}, repeats)
-    return {kind: {"seconds": statistics.median(t)} for kind, t in times.items()}
+    return {kind: {"seconds": statistics.median(t), "message_bytes": forward(nets[kind]).num_bytes // len(queries)}
+            for kind, t in times.items()}
 
 
-def measure_channels(model: nn.Module, tok, queries: Sequence[str], plan: Plan, generator: Hypernetwork) -> dict:
-    """End to end tflow.communicate per channel with two senders, every receiver generating the same length."""
+def measure_channels(model: nn.Module, tok, queries: Sequence[str], plan: Plan,
+                     generators: dict[str, Hypernetwork]) -> dict:
+    """End to end tflow.communicate per channel with two senders, every receiver generating the same length.
+
+    `generators` names the weight-channel variants: {"weights": hypernetwork, "weights_basis": ...};
+    each runs the weights channel with its own generator.
+    """
     senders = _senders(model, tok, 2)
-    receiver = Receiver(model, tok, "You are the executor.", generator=generator, name="executor")
+    receiver = Receiver(model, tok, "You are the executor.", name="executor")
     replies: dict[str, list] = {}
 
-    def run(channel: str) -> None:
-        replies[channel] = tflow.communicate(senders, receiver, list(queries), channel=channel,
+    def run(variant: str) -> None:
+        receiver.generator = generators.get(variant)
+        replies[variant] = tflow.communicate(senders, receiver, list(queries),
+                                             channel="weights" if variant in generators else variant,
                                              max_new_tokens=plan.answer_tokens,
                                              message_tokens=plan.message_tokens)
 
     # No warm-up round: the model is warm from the decode runs, and one text round costs a lot.
-    variants = {ch: functools.partial(run, ch) for ch in ("none", "text", "weights")}
+    cheap = ("none", *generators)
+    variants = {ch: functools.partial(run, ch) for ch in ("none", "text", *generators)}
     times = interleaved(variants, plan.repeats, warmup=False)
-    more = interleaved({ch: variants[ch] for ch in ("none", "weights")}, plan.cheap_repeats - plan.repeats, warmup=False)
+    more = interleaved({ch: variants[ch] for ch in cheap}, plan.cheap_repeats - plan.repeats, warmup=False)
     for ch, t in more.items():
         times[ch] += t
     out: dict = {ch: {"seconds": statistics.median(t), "round_seconds": t,
                       "last_round_stages": dict(replies[ch][0].timings),
                       "receiver_tokens": sum(r.usage.by_agent[receiver.name].generated_tokens for r in replies[ch]),
                       "total_tokens": sum(r.usage.total_tokens for r in replies[ch])} for ch, t in times.items()}
-    out["weights_vs_none"] = ratio(times["weights"], times["none"])
+    for variant in generators:
+        out[f"{variant}_vs_none"] = ratio(times[variant], times["none"])
     out["text_vs_weights"] = ratio(times["text"], times["weights"][:plan.repeats])
     return out
 
@@ -282,18 +311,23 @@ def table(result: dict) -> Table:
     for d in result["decode"]:
         out.add_row(f"decode batch {d['batch']} rank {d['rank']}: patched vs plain", f"{d['patched_s']:.3f}",
                     f"{d['plain_s']:.3f}", f"{d['ratio']:.3f}")
+        out.add_row(f"decode batch {d['batch']} basis K {d['k']}: patched vs plain", f"{d['basis_s']:.3f}",
+                    f"{d['plain_s']:.3f}", f"{d['basis_ratio']:.3f}")
     e = result["encoding"]
     out.add_row(f"encode {e['senders']} senders: one forward each vs batched", f"{e['per_sender_s']:.3f}",
                 f"{e['batched_s']:.3f}", f"{e['speedup']:.2f}")
     out.add_row("encode: whole prompts vs role prefixes reused", f"{e['full_prompts_s']:.3f}",
                 f"{e['batched_s']:.3f}", f"{e['prefix_speedup']:.2f}")
     for kind, g in result["generator"].items():
-        out.add_row(f"generator {kind}: share of weights end to end", f"{g['seconds']:.3f}", "", f"{g['share']:.1%}")
+        out.add_row(f"generator {kind}: share of weights end to end ({g['message_bytes']} message bytes)",
+                    f"{g['seconds']:.3f}", "", f"{g['share']:.1%}")
     for channel, c in result["channels"].items():
         out.add_row(f"end to end {channel} ({c['receiver_tokens']} receiver tokens)", f"{c['seconds']:.3f}", "", "")
     out.add_section()
-    for key in ("patch_overhead", "weights_vs_none", "text_vs_weights"):
-        out.add_row(key, "", "", f"{result[key]:.3f}")
+    for key in ("patch_overhead", "weights_vs_none", "text_vs_weights", "patch_overhead_basis",
+                "patch_overhead_batch32", "patch_overhead_basis_batch32", "weights_vs_none_basis"):
+        if result[key] is not None:
+            out.add_row(key, "", "", f"{result[key]:.3f}")
     return out
 
 
@@ -315,8 +349,10 @@ def _senders(model: nn.Module, tok, n: int) -> list[Sender]:
 
 
 def _hypernet(model: nn.Module, kind: str, num_senders: int) -> Hypernetwork:
-    """A fresh rank-4 generator of `kind` (d_model 128) for `model`, on its device."""
+    """A fresh generator of `kind` (d_model 128) for `model`, on its device: rank 4 a sender (fused
+    rank 8 for two), or a basis of size BASIS_K (the senders' cores add: rank K)."""
     cfg = model.config
-    net = Hypernetwork(ReceiverSpec.from_model(model), {"kind": kind, "rank": 4, "d_model": 128, "depth": 2, "heads": 4},
+    rank = BASIS_K if kind == "basis" else 4
+    net = Hypernetwork(ReceiverSpec.from_model(model), {"kind": kind, "rank": rank, "d_model": 128, "depth": 2, "heads": 4},
                        num_senders, cfg.num_hidden_layers + 1, cfg.hidden_size)
     return net.to(next(model.parameters()).device).eval()

@@ -313,7 +313,8 @@ def bench(
     result = run_bench(shape, quick, force=force, message_tokens=message_tokens, recipe=loaded)
     Console().print(table(result))
     typer.echo(f"patch_overhead {result['patch_overhead']:.3f} · weights_vs_none {result['weights_vs_none']:.3f}"
-               f" · text_vs_weights {result['text_vs_weights']:.2f}")
+               f" · text_vs_weights {result['text_vs_weights']:.2f} · patch_overhead_basis "
+               f"{result['patch_overhead_basis']:.3f} · weights_vs_none_basis {result['weights_vs_none_basis']:.3f}")
     if json_file is not None:
         atomic_write_text(json_file, json.dumps(result, indent=2) + "\n")
         typer.echo(f"wrote {json_file}")
