@@ -301,3 +301,26 @@ def test_diagnostics_without_ablations_cover_the_first_queries_only(team, exampl
     assert plain.diagnostics["weights"]["queries"] == 4 and len(plain.diagnostics["weights"]["row_norms"]) == 4
     assert ablated.diagnostics["weights"]["queries"] == len(examples) == 6
     assert plain.diagnostics["weights"]["row_norms"] == ablated.diagnostics["weights"]["row_norms"][:4]
+
+
+def test_basis_deltas_go_through_every_check(team, examples, qwen, tok):
+    from tflow.basis import BasisDelta
+
+    receiver = Receiver(qwen, tok, "Answer.", name="executor", generator=hypernet(qwen, 2, kind="basis", seed=3))
+    task = relay.Relay()
+    deltas = sender_deltas(team.senders, receiver, [task.prompt(ex) for ex in examples],
+                           [ex.contexts for ex in examples], batch_size=4)
+    fused = deltas.fused()
+    assert isinstance(fused, BasisDelta) and fused.batch_size == len(examples)
+    torch.testing.assert_close(cosine_similarities(fused), cosine_similarities(fused.lora()), atol=1e-5, rtol=0)
+    torch.testing.assert_close(query_specific_shares(fused), query_specific_shares(fused.lora()), atol=1e-5, rtol=0)
+    rows = ablate(deltas, ["shuffled", "static", "drop-sender", "scale"])
+    order = derangement(len(examples))
+    for name, core in fused.cores.items():
+        assert torch.equal(rows["shuffled"].cores[name], core[order])
+        torch.testing.assert_close(rows["static"].cores[name][0], core.mean(0))
+        dropped = rows["drop-sender:reader"].cores[name]
+        torch.testing.assert_close(dropped, deltas.shares[1].cores[name])  # what is left is the other sender's share
+    summary = summarize(deltas, receiver)
+    assert summary["cosine"]["queries"] == len(examples) and summary["refused"] == 0
+    assert set(summary["sender_norms"]) == set(SENDERS)
