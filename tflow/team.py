@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tflow.agents import Receiver, Sender
 from tflow.channels import communicate
+from tflow.channels.kv_lora import KVLoRA
 from tflow.hypernetwork import Hypernetwork
 from tflow.models import load_backbone
 from tflow.reply import Reply
@@ -23,9 +24,24 @@ class Team:
     recipe: object
 
     def communicate(self, query: str | Sequence[str], channel: str = "weights", **generation) -> Reply | list[Reply]:
-        """tflow.communicate with the recipe's `generate` settings as defaults."""
-        settings = {**self.recipe.generate.model_dump(), **generation}
+        """tflow.communicate with the recipe's `generate` settings (and the kv or latent section's
+        for those channels) as defaults."""
+        settings = {**self.recipe.generate.model_dump(), **channel_settings(self.recipe, channel), **generation}
         return communicate(self.senders, self.receiver, query, channel=channel, **settings)
+
+    def label(self, channel: str) -> str:
+        """The channel's name in reports: `kv (LatentMAS)` while the kv LoRA is untrained."""
+        lora = self.receiver.kv_lora
+        return "kv (LatentMAS)" if channel == "kv" and (lora is None or lora.is_zero()) else channel
+
+
+def channel_settings(recipe, channel: str) -> dict:
+    """The communicate options a recipe sets for `channel` beyond its `generate` section."""
+    if channel == "kv":
+        return {"latent_steps": recipe.kv.latent_steps, "realign": recipe.kv.realign}
+    if channel == "latent":
+        return {"latent_steps": recipe.latent.latent_steps, "rounds": recipe.latent.rounds}
+    return {}
 
 
 def load(recipe: str | Path | Mapping, checkpoint: str | Path | None = None, overrides: Sequence[str] = ()) -> Team:
@@ -59,6 +75,7 @@ def load(recipe: str | Path | Mapping, checkpoint: str | Path | None = None, ove
     model, tokenizer = backbone(recipe.receiver.model)
     receiver = Receiver(model, tokenizer, recipe.receiver.system_prompt, name=recipe.receiver.name)
     receiver.generator = build_hypernetwork(recipe, senders, receiver)
+    receiver.kv_lora = build_kv_lora(recipe, receiver)
     if checkpoint is not None:
         ckpt.load_into(receiver.generator, checkpoint)
     return Team(senders, receiver, recipe)
@@ -72,3 +89,10 @@ def build_hypernetwork(recipe, senders: Sequence[Sender], receiver: Receiver) ->
     hypernet = Hypernetwork(spec, g.model_dump(exclude={"targets", "layers", "max_delta_norm"}), len(senders), config.num_hidden_layers + 1,
                             config.hidden_size, recipe.fusion.gate_init, g.max_delta_norm)
     return hypernet.to(next(receiver.model.parameters()).device)
+
+
+def build_kv_lora(recipe, receiver: Receiver) -> KVLoRA:
+    """A fresh kv LoRA (zero B: the kv channel is LatentMAS) for the recipe's `kv` section."""
+    kv = recipe.kv
+    lora = KVLoRA(ReceiverSpec.from_model(receiver.model, kv.targets, kv.layers), kv.rank, kv.alpha, recipe.seed)
+    return lora.to(next(receiver.model.parameters()).device)
