@@ -6,9 +6,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from tflow.agents import Receiver, Sender
 from tflow.channels import communicate
 from tflow.channels.kv_lora import KVLoRA
+from tflow.channels.links import Links
 from tflow.hypernetwork import Hypernetwork
 from tflow.models import load_backbone
 from tflow.reply import Reply
@@ -76,6 +79,7 @@ def load(recipe: str | Path | Mapping, checkpoint: str | Path | None = None, ove
     receiver = Receiver(model, tokenizer, recipe.receiver.system_prompt, name=recipe.receiver.name)
     receiver.generator = build_hypernetwork(recipe, senders, receiver)
     receiver.kv_lora = build_kv_lora(recipe, receiver)
+    receiver.links = build_links(recipe, senders, receiver)
     if checkpoint is not None:
         ckpt.load_into(receiver.generator, checkpoint)
     return Team(senders, receiver, recipe)
@@ -96,3 +100,12 @@ def build_kv_lora(recipe, receiver: Receiver) -> KVLoRA:
     kv = recipe.kv
     lora = KVLoRA(ReceiverSpec.from_model(receiver.model, kv.targets, kv.layers), kv.rank, kv.alpha, recipe.seed)
     return lora.to(next(receiver.model.parameters()).device)
+
+
+def build_links(recipe, senders: Sequence[Sender], receiver: Receiver) -> Links:
+    """Fresh latent-channel links for the recipe's `latent` section, on the receiver's device."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        links = Links([s.model.config.hidden_size for s in senders], receiver.model.config.hidden_size,
+                      recipe.latent.hidden)
+    return links.to(next(receiver.model.parameters()).device)

@@ -10,7 +10,7 @@ from tflow.channels.registry import Call, available, register
 
 # isort: off
 # Imported in this order so their @register calls fill the registry; the order is CHANNELS.
-from tflow.channels import none, text, weights, kv  # noqa: E402, F401
+from tflow.channels import none, text, weights, kv, latent  # noqa: E402, F401
 # isort: on
 from tflow.channels.text import text_turn  # noqa: E402
 from tflow.channels.weights import guard_delta  # noqa: E402
