@@ -25,6 +25,9 @@ class Team:
     senders: list[Sender]
     receiver: Receiver
     recipe: object
+    checkpoint: Path | None = None
+    trained: frozenset[str] = frozenset()
+    """The channels whose trained parts came from `checkpoint`."""
 
     def communicate(self, query: str | Sequence[str], channel: str = "weights", **generation) -> Reply | list[Reply]:
         """tflow.communicate with the recipe's `generate` settings (and the kv or latent section's
@@ -48,9 +51,11 @@ def channel_settings(recipe, channel: str) -> dict:
 
 
 def load(recipe: str | Path | Mapping, checkpoint: str | Path | None = None, overrides: Sequence[str] = ()) -> Team:
-    """Build the team of a recipe; with `checkpoint`, load its trained generator (checked first).
+    """Build the team of a recipe; with `checkpoint`, load every trained part it holds (checked first).
 
-    Without a checkpoint the generator is fresh: its B heads are zero, an exact no-op.
+    Without a checkpoint every part is fresh: the generator's B heads and the kv LoRA's B are zero,
+    exact no-ops (so kv is LatentMAS); the latent links are random. A checkpoint folder may hold
+    the parts of several channels (`tflow.checkpoint`); `Team.trained` says which it had.
     A backbone shared by several agents is loaded once.
 
     Raises:
@@ -60,8 +65,7 @@ def load(recipe: str | Path | Mapping, checkpoint: str | Path | None = None, ove
     from tflow.recipe import Recipe, load_recipe
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
-    if checkpoint is not None:
-        ckpt.locate(checkpoint)  # fail before loading any weights
+    parts = ckpt.trained_parts(checkpoint) if checkpoint is not None else {}  # fail before loading weights
     cache: dict[str, tuple] = {}
 
     def backbone(section):
@@ -80,9 +84,13 @@ def load(recipe: str | Path | Mapping, checkpoint: str | Path | None = None, ove
     receiver.generator = build_hypernetwork(recipe, senders, receiver)
     receiver.kv_lora = build_kv_lora(recipe, receiver)
     receiver.links = build_links(recipe, senders, receiver)
-    if checkpoint is not None:
-        ckpt.load_into(receiver.generator, checkpoint)
-    return Team(senders, receiver, recipe)
+    if "weights" in parts:
+        ckpt.load_into(receiver.generator, parts["weights"])
+    if "kv" in parts:
+        ckpt.load_kv(receiver.kv_lora, parts["kv"])
+    if "latent" in parts:
+        ckpt.load_links(receiver.links, parts["latent"], ckpt.links_fingerprint(senders, receiver))
+    return Team(senders, receiver, recipe, Path(checkpoint) if checkpoint is not None else None, frozenset(parts))
 
 
 def build_hypernetwork(recipe, senders: Sequence[Sender], receiver: Receiver) -> Hypernetwork:

@@ -13,6 +13,7 @@ query's answer does not depend on its batch-mates.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -64,9 +65,10 @@ def run(call: Call) -> list[Reply]:
                         continue  # unchanged since the last round
                     texts = [sender_turn(sender, q, call.context(s, i), feedback is not None and s == 0,
                                          receiver.name) for i, q in enumerate(call.queries)]
-                    thoughts[s], counts = rollout(sender.model, sender.tokenizer, texts, links.inner[s], steps,
-                                                  feedback if s == 0 else None)
-                    _count(seen[call.names[s]], counts, steps - 1 if steps else 0)
+                    done = rollout(sender.model, sender.tokenizer, texts, links.inner[s], steps,
+                                   feedback if s == 0 else None)
+                    thoughts[s] = done.thoughts
+                    _count(seen[call.names[s]], done.counts, steps - 1 if steps else 0)
             message = torch.cat([links.outer[s](t) for s, t in enumerate(thoughts)], dim=1)
             changed = message.shape[1] if r == 0 else thoughts[0].shape[1]
             sent = [n + changed * message.shape[-1] for n in sent]
@@ -74,9 +76,9 @@ def run(call: Call) -> list[Reply]:
             if r == call.rounds - 1:
                 break
             with stages("receiver"):
-                own, counts = rollout(receiver.model, receiver.tokenizer, texts, links.receiver_inner, steps, message)
-                _count(seen[receiver.name], counts, steps - 1 if steps else 0)
-            feedback = links.feedback(own)
+                own = rollout(receiver.model, receiver.tokenizer, texts, links.receiver_inner, steps, message)
+                _count(seen[receiver.name], own.counts, steps - 1 if steps else 0)
+            feedback = links.feedback(own.thoughts)
             sent = [n + feedback.shape[1] * feedback.shape[-1] for n in sent]
         with stages("receiver"):
             embeds, mask, counts = spliced(receiver.model, receiver.tokenizer, texts, message, keep_last=False)
@@ -147,18 +149,30 @@ def spliced(model: nn.Module, tokenizer, texts: Sequence[str], vectors: Tensor |
     return embeds, mask, counts
 
 
+class Rollout(NamedTuple):
+    """thoughts [N, steps, H]; counts as `spliced`'s; the prompt's embeds [N, W, H], mask [N, W] and
+    last-layer states [N, W, H] (what the InnerLinks are trained on)."""
+
+    thoughts: Tensor
+    counts: list[tuple[int, int]]
+    embeds: Tensor
+    mask: Tensor
+    hidden: Tensor
+
+
 def rollout(model: nn.Module, tokenizer, texts: Sequence[str], inner: nn.Module, steps: int,
-            vectors: Tensor | None = None) -> tuple[Tensor, list[tuple[int, int]]]:
-    """`steps` latent thoughts [N, steps, H] of `model` after reading `texts` (with `vectors` at
-    their slot): thought t is inner(h_t), and is fed as the next input embedding, the last one
-    excepted (nothing reads its output). Returns the thoughts and `spliced`'s counts."""
+            vectors: Tensor | None = None) -> Rollout:
+    """`steps` latent thoughts of `model` after reading `texts` (with `vectors` at their slot):
+    thought t is inner(h_t), and is fed as the next input embedding, the last one excepted
+    (nothing reads its output)."""
     embeds, mask, counts = spliced(model, tokenizer, texts, vectors)
     trace = Trace(model, len(texts))
-    h = last_real(trace.append_embeds(embeds, mask).last_hidden_state)
+    prompt = trace.append_embeds(embeds, mask).last_hidden_state
+    h = last_real(prompt)
     thoughts = []
     for t in range(steps):
         thoughts.append(inner(h))
         if t < steps - 1:
             h = last_real(trace.append_embeds(thoughts[-1][:, None].to(embeds.dtype)).last_hidden_state)
     out = torch.stack(thoughts, dim=1) if thoughts else embeds.new_zeros(len(texts), 0, embeds.shape[-1])
-    return out, counts
+    return Rollout(out, counts, embeds, mask, prompt)
