@@ -251,7 +251,8 @@ def eval_(
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the model, the generator and the report.")] = Path("runs/demo"),
     pretrain_steps: Annotated[int, typer.Option(min=1, help="Backbone pretraining steps.")] = 800,
-    train_steps: Annotated[int | None, typer.Option(min=1, help="Generator steps [default: the recipe's].")] = None,
+    train_steps: Annotated[int | None, typer.Option(
+        min=1, help="Training steps of each channel's part [default: the recipe's].")] = None,
     eval_limit: Annotated[int | None, typer.Option(min=1, help="Held-out facts to evaluate [default: all].")] = None,
     seed: Annotated[int, typer.Option(
         min=0, help="Seed of the backbone, its pretraining and the generator; the held-out facts stay the same.")] = 0,
@@ -261,9 +262,10 @@ def demo(
 ) -> None:
     """The embedded default: weight-space communication shown end to end, offline, on CPU.
 
-    Builds a tiny model, pretrains it on the relay format, trains a generator, and compares the
-    none, text and weights channels on held-out facts (report files as `tflow eval` writes them).
-    KEY=VALUE overrides apply to recipes/demo.yaml, for example `generator.kind=basis generator.rank=16`.
+    Builds a tiny model, pretrains it on the relay format, trains a generator, a kv LoRA and latent
+    links, and compares the none, text, weights, kv and latent channels on held-out facts (report
+    files as `tflow eval` writes them). KEY=VALUE overrides apply to recipes/demo.yaml, for example
+    `generator.kind=basis generator.rank=16`.
     """
     import torch
 
