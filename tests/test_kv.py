@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from conftest import perturb
 
 from tflow import Receiver, Sender, communicate
 from tflow.channels.kv import aligner, build_trace
@@ -16,14 +15,6 @@ from tflow.generation import GenerationSettings, kv_cache_bytes
 from tflow.spec import ReceiverSpec
 
 QUERIES = ["What is the secret code of Lisbon?", "Hi", "one two three four five six seven eight nine"]
-
-
-@pytest.fixture(scope="module")
-def lively(qwen):
-    """The tiny model with noisier weights, so its greedy tokens depend on what it reads."""
-    model = copy.deepcopy(qwen)
-    perturb(model, seed=3, std=0.3)
-    return model
 
 
 @pytest.fixture

@@ -17,13 +17,6 @@ QUERIES = ["What is the secret code of Lisbon?", "Hi", "one two three four five 
 
 
 @pytest.fixture(scope="module")
-def lively(qwen):
-    model = copy.deepcopy(qwen)
-    perturb(model, seed=3, std=0.3)
-    return model
-
-
-@pytest.fixture(scope="module")
 def narrow(tok):
     """A sender backbone of another width (32) than the receiver's (64)."""
     model = tiny.model(tok, hidden_size=32, num_layers=2, seed=4)
