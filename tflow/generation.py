@@ -100,7 +100,8 @@ def generate_ids(model: nn.Module, tokenizer, seqs: Sequence[Sequence[int]], set
     stops and its batch-mates decode on. `stream` sees every row's tokens as they come and may
     stop rows. Neither changes a row's tokens: a row decodes as it would alone. With `past` (a
     tflow.trace.Trace of the same rows), each row's prompt is read on top of its cache, which the
-    call extends in place (the trace is spent after); positions follow the running mask, so padding inside it moves none.
+    call extends in place (the trace is spent after); generate() derives positions from the full
+    mask, so padding inside the cache moves none.
 
     Raises:
         QueryError: a prompt (after its `past`) plus its token budget exceeds the model's context,

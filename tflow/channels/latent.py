@@ -90,10 +90,11 @@ def run(call: Call) -> list[Reply]:
     itemsize = next(receiver.model.parameters()).dtype.itemsize
     replies = []
     for q, text in enumerate(out.texts):
-        ledger = {name: agent_usage(agent, *seen[name][q][:1], 0, seen[name][q][1])
-                  for name, agent in zip(call.names, senders, strict=True)}
-        prompt, latent = seen[receiver.name][q]
-        ledger[receiver.name] = agent_usage(receiver, prompt, out.generated_tokens[q], latent)
+        ledger = {}
+        for name, agent in [*zip(call.names, senders, strict=True), (receiver.name, receiver)]:
+            prompt, latent = seen[name][q]
+            generated = out.generated_tokens[q] if agent is receiver else 0
+            ledger[name] = agent_usage(agent, prompt, generated, latent)
         replies.append(Reply(text, "latent", Usage(ledger), message_bytes=sent[q] * itemsize, **stages.measured,
                              finish_reason=out.finish_reasons[q]))
     return replies
