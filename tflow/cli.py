@@ -216,9 +216,6 @@ def eval_(
     from tflow.evaluate import parse_channels
 
     names = parse_channels(channels)
-    from tflow.checkpoint import require_parts
-
-    require_parts(names, checkpoint)
     from tflow import tasks
     from tflow.io import writable_dir
     from tflow.recipe import load_recipe
@@ -231,6 +228,9 @@ def eval_(
     from tflow.diagnostics import parse_ablations
 
     parse_ablations(ablations, names, [s.name for s in loaded.senders])
+    from tflow.checkpoint import require_parts
+
+    require_parts(names, checkpoint)  # before any weights load
     out = writable_dir(out)
     import tflow
     from tflow.data import eval_examples
