@@ -93,6 +93,7 @@ def test_latentmas_is_batch_exact_and_carries_the_documents(team, examples):
     assert [r.text for r in batched] != [r.text for r in none]  # the receiver reads the trace
 
 
+@pytest.mark.slow
 def test_latent_links_are_batch_exact_on_the_real_model(team, examples):
     batched = ask(team, examples, "latent", latent_steps=3, rounds=2)
     alone = [ask(team, [e], "latent", latent_steps=3, rounds=2)[0] for e in examples]
