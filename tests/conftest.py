@@ -27,6 +27,16 @@ def llama(tok):
     return tiny.model(tok, arch="llama", hidden_size=64, num_layers=2, seed=1)
 
 
+@pytest.fixture(scope="session")
+def lively(qwen):
+    """The tiny Qwen3 with noisier weights, so its greedy tokens depend on what it reads."""
+    import copy
+
+    model = copy.deepcopy(qwen)
+    perturb(model, seed=3, std=0.3)
+    return model
+
+
 def random_delta(model, batch, rank=4, scale=0.5, seed=0, targets=None, std=0.2):
     """Random per-row factors for every targeted linear of `model`."""
     from tflow import LoRADelta, ReceiverSpec

@@ -94,6 +94,7 @@ def world(tmp_path_factory) -> World:
         (ckpt / name / checkpoint.GENERATOR_FILE).write_bytes(data)
     torch.save({"weights": Armed(tmp / "MARKER")}, ckpt / "generator.pt")
     (ckpt / "empty").mkdir()
+    checkpoint.save_kv(team.receiver.kv_lora, ckpt / "kvonly")
     (ckpt / "delta").mkdir()
     LoRADelta({"m": (torch.zeros(1, 1, 2), torch.zeros(1, 2, 1))}).save(ckpt / "delta" / checkpoint.GENERATOR_FILE)
     (tmp / "file").write_text("a regular file, in the way of any folder below it")
@@ -231,6 +232,26 @@ CASES = [
          lambda w: tflow.communicate(w.team.senders, Receiver(w.team.receiver.model, w.team.receiver.tokenizer), "hi"),
          ChannelError, "the weights channel needs a generator on the receiver",
          cli_message="the weights channel needs a trained generator: pass --checkpoint DIR"),
+    Case("negative_latent_steps", ask("hi", "--channel", "kv", "--set", "kv.latent_steps=-1"),
+         communicate("hi", channel="kv", latent_steps=-1), QueryError, "latent_steps must be an integer >= 0, got -1",
+         cli_message="kv.latent_steps: must be >= 0, got -1"),
+    Case("kv_on_another_backbone", ask("hi", "--channel", "kv", "--set", "senders.0.model={{path: {tmp}/other}}"),
+         lambda w: tflow.load(w.recipe_with("senders.0.model={{path: {tmp}/other}}")).communicate("hi", channel="kv"),
+         ChannelError, "sender 'reader' has its own: drop senders.0.model (and receiver.model) from the recipe"),
+    Case("latent_without_links", ask("hi", "--channel", "latent"),
+         lambda w: tflow.communicate(w.team.senders, Receiver(w.team.receiver.model, w.team.receiver.tokenizer), "hi",
+                                     channel="latent"),
+         ChannelError, "the latent channel needs trained links on the receiver",
+         cli_message="the latent channel needs trained links: pass --checkpoint DIR"),
+    Case("checkpoint_of_another_channel", ask("hi", "--checkpoint", "{tmp}/ckpt/kvonly"),
+         lambda w: checkpoint.require_parts(["weights"], w.tmp / "ckpt" / "kvonly"), CheckpointError,
+         "{tmp}/ckpt/kvonly has no weights part (generator.safetensors); train it with "
+         "`tflow train RECIPE train.channel=weights"),
+    Case("part_file_of_another_channel",
+         ask("hi", "--channel", "kv", "--checkpoint", "{tmp}/ckpt/good/generator.safetensors"),
+         lambda w: checkpoint.load_kv(w.team.receiver.kv_lora, w.tmp / "ckpt" / "good" / checkpoint.GENERATOR_FILE),
+         CheckpointError, "holds the weights channel's part, not the kv channel's",
+         cli_message="generator.safetensors has no kv part (kv/adapter_model.safetensors); train it with"),
     Case("bad_context_option", ask("hi", "--channel", "none", "--context", "nobody=a document"),
          communicate("hi", contexts=[{}, {}]), QueryError, "got 2 contexts for 1 queries",
          cli_message="--context names unknown sender(s) ['nobody']"),

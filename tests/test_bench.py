@@ -27,7 +27,7 @@ def test_quick_bench_of_a_recipe_reports_every_figure_as_a_positive_number(tmp_p
     figures += [c["seconds"] for c in result["channels"].values()]
     assert all(isinstance(x, float) and math.isfinite(x) and x > 0 for x in figures), figures
     assert {(d["batch"], d["rank"], d["k"]) for d in result["decode"]} == {(8, 8, 16), (1, 8, 16), (32, 8, 16)}
-    assert set(result["channels"]) == {"none", "text", "weights", "weights_basis"}
+    assert set(result["channels"]) == {"none", "text", "weights", "weights_basis", "kv", "latent"}
     assert set(result["generator"]) == {"param_tokens", "mlp", "basis"}
     # A query's fused message from two senders, float32: rank 2 x 4 factors, or one 16 x 16 core, a module.
     m = result["model"]

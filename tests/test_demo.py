@@ -22,13 +22,15 @@ def test_shortened_demo_runs_end_to_end_and_reports_every_channel(tmp_path):
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk == report
     assert report["task"] == "relay" and report["n"] == 6
-    assert list(report["channels"]) == ["none", "text", "weights"]
+    assert list(report["channels"]) == ["none", "text", "weights", "kv", "latent"]
     for channel in report["channels"].values():
         assert 0.0 <= channel["accuracy"] <= 1.0
         assert channel["tokens"]["total"] > 0 and channel["seconds"] > 0
     assert report["channels"]["weights"]["message_bytes"] > 0
-    assert (tmp_path / "generator" / "generator.safetensors").is_file()
-    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 18
+    assert report["channels"]["kv"]["label"] == "kv"  # trained: no longer LatentMAS
+    for part in ("generator.safetensors", "kv/adapter_model.safetensors", "latent.safetensors"):
+        assert (tmp_path / "generator" / part).is_file()
+    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 30
 
 
 def test_demo_seed_option_reaches_the_recipe_and_keeps_the_held_out_facts(tmp_path, monkeypatch):

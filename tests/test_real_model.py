@@ -80,3 +80,23 @@ def test_cached_weights_equal_the_gguf_load(team):
     ids = team.receiver.tokenizer("The password of Oslo is", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(direct(ids).logits, team.receiver.model(ids).logits)
+
+
+def test_latentmas_is_batch_exact_and_carries_the_documents(team, examples):
+    assert team.label("kv") == "kv (LatentMAS)"  # a fresh kv LoRA: exactly LatentMAS
+    batched = ask(team, examples, "kv", latent_steps=4)
+    alone = [ask(team, [e], "kv", latent_steps=4)[0] for e in examples]
+    assert [r.text for r in batched] == [r.text for r in alone]
+    assert [r.usage for r in batched] == [r.usage for r in alone]
+    assert all(r.usage.by_agent[s.name].latent_positions == 4 for r in batched for s in team.senders)
+    none = ask(team, examples, "none")
+    assert [r.text for r in batched] != [r.text for r in none]  # the receiver reads the trace
+
+
+@pytest.mark.slow
+def test_latent_links_are_batch_exact_on_the_real_model(team, examples):
+    batched = ask(team, examples, "latent", latent_steps=3, rounds=2)
+    alone = [ask(team, [e], "latent", latent_steps=3, rounds=2)[0] for e in examples]
+    assert [r.text for r in batched] == [r.text for r in alone]
+    assert [r.usage for r in batched] == [r.usage for r in alone]
+    assert all(r.message_bytes == (2 * 3 + 3 + 3) * 576 * 4 for r in batched)

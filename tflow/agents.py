@@ -58,13 +58,18 @@ class Sender:
 
 @dataclass(eq=False)
 class Receiver:
-    """The agent that answers; `generator` (a tflow Hypernetwork) turns sender states into its delta."""
+    """The agent that answers, with each channel's trained part: `generator` (a tflow Hypernetwork,
+    weights) turns sender states into its delta, `kv_lora` (tflow.channels.kv_lora.KVLoRA, kv) is
+    the LoRA it decodes a KV trace with (None: LatentMAS), `links` (tflow.channels.links.Links,
+    latent) map the senders' latent thoughts into its embedding space."""
 
     model: nn.Module
     tokenizer: object
     system_prompt: str | None = None
     generator: nn.Module | None = None
     name: str = "receiver"
+    kv_lora: nn.Module | None = None
+    links: nn.Module | None = None
 
     def prompt(self, query: str) -> str:
         return chat_prompt(self.tokenizer, self.system_prompt, query)

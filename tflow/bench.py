@@ -25,6 +25,8 @@ import tflow
 from tflow import tiny
 from tflow.agents import Receiver, Sender
 from tflow.basis import BasisDelta
+from tflow.channels.kv_lora import KVLoRA
+from tflow.channels.links import Links
 from tflow.delta import LoRADelta
 from tflow.encoding import encode
 from tflow.errors import BenchError
@@ -44,6 +46,7 @@ SHAPES: dict[str, dict[str, int]] = {
 GPU_SHAPES = ("qwen3-4b",)
 GENERATOR_KINDS = ("param_tokens", "mlp", "basis")
 BASIS_K = 16  # the basis size the basis generator and the basis decode runs use
+LATENT_STEPS = 10  # per sender, on the kv and latent channels (the kv default)
 ROLES = ("You are a strategist: say how to approach the task, not the answer.",
          "You are a knowledge extractor: list the facts and constraints, do not solve.",
          "You are a critic: point out what could go wrong.")
@@ -242,10 +245,15 @@ def measure_channels(model: nn.Module, tok, queries: Sequence[str], plan: Plan,
     """End to end tflow.communicate per channel with two senders, every receiver generating the same length.
 
     `generators` names the weight-channel variants: {"weights": hypernetwork, "weights_basis": ...};
-    each runs the weights channel with its own generator.
+    each runs the weights channel with its own generator. kv runs with a LoRA on every linear (its
+    hooks cost what a trained one costs) and latent with fresh links, both with `LATENT_STEPS`
+    latent steps per sender.
     """
     senders = _senders(model, tok, 2)
     receiver = Receiver(model, tok, "You are the executor.", name="executor")
+    device = next(model.parameters()).device
+    receiver.kv_lora = KVLoRA(ReceiverSpec.from_model(model), rank=8, alpha=16).to(device)
+    receiver.links = Links([model.config.hidden_size] * 2, model.config.hidden_size).to(device)
     replies: dict[str, list] = {}
 
     def run(variant: str) -> None:
@@ -253,11 +261,11 @@ def measure_channels(model: nn.Module, tok, queries: Sequence[str], plan: Plan,
         replies[variant] = tflow.communicate(senders, receiver, list(queries),
                                              channel="weights" if variant in generators else variant,
                                              max_new_tokens=plan.answer_tokens,
-                                             message_tokens=plan.message_tokens)
+                                             message_tokens=plan.message_tokens, latent_steps=LATENT_STEPS)
 
     # No warm-up round: the model is warm from the decode runs, and one text round costs a lot.
-    cheap = ("none", *generators)
-    variants = {ch: functools.partial(run, ch) for ch in ("none", "text", *generators)}
+    cheap = ("none", *generators, "kv", "latent")
+    variants = {ch: functools.partial(run, ch) for ch in ("none", "text", *generators, "kv", "latent")}
     times = interleaved(variants, plan.repeats, warmup=False)
     more = interleaved({ch: variants[ch] for ch in cheap}, plan.cheap_repeats - plan.repeats, warmup=False)
     for ch, t in more.items():

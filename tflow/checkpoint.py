@@ -1,4 +1,10 @@
-"""Generator checkpoints: safetensors only, with the receiver's fingerprint, written atomically."""
+"""Checkpoints of every channel's trained part: safetensors only, with the fingerprint of the
+models they were trained for, written atomically.
+
+A train.out_dir holds the parts of the channels trained into it: `generator.safetensors`
+(weights), `kv/` (kv: a peft adapter folder, adapter_config.json + adapter_model.safetensors)
+and `latent.safetensors` (latent), beside the last run's recipe.yaml.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,11 @@ from tflow.hypernetwork import Hypernetwork
 from tflow.io import atomic_write_safetensors, atomic_write_text, read_safetensors
 
 GENERATOR_FILE = "generator.safetensors"
+KV_DIR = "kv"
+LATENT_FILE = "latent.safetensors"
 RECIPE_FILE = "recipe.yaml"
+PART_FILES = {"weights": GENERATOR_FILE, "kv": f"{KV_DIR}/adapter_model.safetensors", "latent": LATENT_FILE}
+KINDS = {"weights": "generator", "kv": "kv", "latent": "latent"}
 
 
 def save(hypernet: Hypernetwork, out_dir: str | Path, recipe=None) -> Path:
@@ -33,6 +43,149 @@ def save(hypernet: Hypernetwork, out_dir: str | Path, recipe=None) -> Path:
     if recipe is not None:
         atomic_write_text(out_dir / RECIPE_FILE, recipe.to_yaml())
     return path
+
+
+def save_kv(lora, out_dir: str | Path, recipe=None, base_model: str | None = None) -> Path:
+    """Write the kv LoRA as a peft adapter folder `out_dir/kv` (peft loads it) with tflow's metadata."""
+    from tflow import __version__
+    from tflow.export import ADAPTER_CONFIG, peft_config
+
+    folder = Path(out_dir) / KV_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", "tflow.kind": "kv", "tflow.version": __version__,
+                "config": json.dumps(lora.config, sort_keys=True),
+                "receiver_fingerprint": json.dumps(lora.spec.fingerprint(), sort_keys=True)}
+    path = Path(out_dir) / PART_FILES["kv"]
+    atomic_write_safetensors(lora.peft_state(), path, metadata)
+    config = peft_config(base_model, lora.rank, lora.alpha, lora.spec.module_names)
+    atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
+    if recipe is not None:
+        atomic_write_text(Path(out_dir) / RECIPE_FILE, recipe.to_yaml())
+    return path
+
+
+def save_links(links, out_dir: str | Path, fingerprint: dict, recipe=None) -> Path:
+    """Write the latent channel's links to `out_dir/latent.safetensors`; `fingerprint` describes the
+    backbones they map between (`links_fingerprint`)."""
+    from tflow import __version__
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in links.state_dict().items()}
+    metadata = {"tflow.kind": "latent", "tflow.version": __version__, "config": json.dumps(links.config, sort_keys=True),
+                "receiver_fingerprint": json.dumps(fingerprint, sort_keys=True)}
+    path = Path(out_dir) / LATENT_FILE
+    atomic_write_safetensors(tensors, path, metadata)
+    if recipe is not None:
+        atomic_write_text(Path(out_dir) / RECIPE_FILE, recipe.to_yaml())
+    return path
+
+
+def links_fingerprint(senders, receiver) -> dict:
+    """What latent links must match: every agent's architecture, width and depth."""
+    def backbone(model):
+        config = model.config
+        arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+        return [arch, config.hidden_size, config.num_hidden_layers]
+
+    return {"senders": [backbone(s.model) for s in senders], "receiver": backbone(receiver.model)}
+
+
+def trained_parts(checkpoint: str | Path) -> dict[str, Path]:
+    """{channel: file} of the trained parts a checkpoint folder holds (or of the one file given).
+
+    Raises:
+        CheckpointError: no such folder or file, a folder with no part, or a file of no known kind.
+    """
+    path = Path(checkpoint)
+    if path.is_dir():
+        found = {channel: path / name for channel, name in PART_FILES.items() if (path / name).is_file()}
+        if not found:
+            raise CheckpointError(f"checkpoint folder {checkpoint} has no {GENERATOR_FILE}; train one with "
+                                  "`tflow train RECIPE train.out_dir=DIR` (or train.channel=kv, latent for "
+                                  f"{KV_DIR}/, {LATENT_FILE})")
+        return found
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist; pass the train.out_dir of a finished run")
+    kind = read_safetensors(path)[1].get("tflow.kind")
+    channel = {v: k for k, v in KINDS.items()}.get(kind)
+    if channel is None:
+        raise CheckpointError(f"{path} is a safetensors file but not a tflow generator checkpoint")
+    return {channel: path}
+
+
+def require_parts(channels, checkpoint: str | Path | None) -> None:
+    """Check, before any weights load, that `checkpoint` holds the trained part of every channel
+    that has one; without a checkpoint only kv may run (untrained: LatentMAS).
+
+    Raises:
+        ChannelError: weights or latent without a checkpoint.
+        CheckpointError: a checkpoint without one of the parts (the message names the command
+            that trains it), or one that cannot be read.
+    """
+    from tflow.errors import ChannelError
+
+    wanted = [c for c in channels if c in PART_FILES]
+    if checkpoint is None:
+        for channel in (c for c in wanted if c != "kv"):
+            part = "a trained generator" if channel == "weights" else "trained links"
+            raise ChannelError(f"the {channel} channel needs {part}: pass --checkpoint DIR (the train.out_dir of "
+                               f"`tflow train RECIPE train.channel={channel}`), or leave {channel} out of --channels")
+        return
+    found = trained_parts(checkpoint)
+    for channel in (c for c in wanted if c not in found):
+        raise CheckpointError(f"checkpoint {checkpoint} has no {channel} part ({PART_FILES[channel]}); train it with "
+                              f"`tflow train RECIPE train.channel={channel} train.out_dir={checkpoint}`")
+
+
+def load_kv(lora, path: str | Path) -> None:
+    """Fill the kv LoRA from its adapter file after checking receiver and LoRA shape.
+
+    Raises:
+        CheckpointError: not safetensors, another kind, another receiver or LoRA, missing tensors.
+    """
+    tensors = _checked(path, "kv", lora.spec.fingerprint(), lora.config)
+    missing = lora.load_peft_state(tensors)
+    if missing:
+        raise CheckpointError(f"{path} does not fit the kv LoRA: missing or misshapen {missing[:3]}")
+
+
+def load_links(links, path: str | Path, fingerprint: dict) -> None:
+    """Fill latent links from their file after checking the backbones and link widths.
+
+    Raises:
+        CheckpointError: not safetensors, another kind, other backbones or links, missing tensors.
+    """
+    tensors = _checked(path, "latent", fingerprint, links.config)
+    result = links.load_state_dict(tensors, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{path} does not fit the links: missing {result.missing_keys[:3]}, "
+                              f"unexpected {result.unexpected_keys[:3]}")
+
+
+def _checked(path: str | Path, channel: str, fingerprint: dict, config: dict, fix_models: str | None = None,
+             fix_config: str | None = None) -> dict:
+    """The tensors of `channel`'s part file, after its kind, fingerprint and config are checked.
+
+    Raises:
+        CheckpointError: not safetensors, another channel's part, other models, another config.
+    """
+    tensors, meta = read_safetensors(path)
+    kind, wanted = meta.get("tflow.kind"), KINDS[channel]
+    if kind != wanted:
+        if kind not in KINDS.values():
+            raise CheckpointError(f"{path} is a safetensors file but not a tflow {wanted} checkpoint")
+        other = {v: k for k, v in KINDS.items()}[kind]
+        raise CheckpointError(f"{path} holds the {other} channel's part, not the {channel} channel's; "
+                              f"train that with `tflow train RECIPE train.channel={channel}`")
+    mismatch = _first_difference(json.loads(meta.get("receiver_fingerprint", "{}")), fingerprint)
+    if mismatch:
+        raise CheckpointError(f"{path} was trained for another receiver ({mismatch}); "
+                              f"{fix_models or 'use the models it was trained with'}")
+    mismatch = _first_difference(json.loads(meta.get("config", "{}")), json.loads(json.dumps(config)))
+    if mismatch:
+        noun = "generator" if channel == "weights" else f"{channel} part"
+        raise CheckpointError(f"{path} holds a different {noun} ({mismatch}); "
+                              f"{fix_config or f'make the recipe {channel} section match the checkpoint recipe.yaml'}")
+    return tensors
 
 
 def locate(checkpoint: str | Path) -> Path:
@@ -60,19 +213,9 @@ def load_into(hypernet: Hypernetwork, checkpoint: str | Path) -> None:
             another generator shape, or missing tensors. Never falls back to an untrained generator.
     """
     path = locate(checkpoint)
-    tensors, meta = read_safetensors(path)
-    if meta.get("tflow.kind") != "generator":
-        raise CheckpointError(f"{path} is a safetensors file but not a tflow generator checkpoint")
-    saved = json.loads(meta.get("receiver_fingerprint", "{}"))
-    mismatch = _first_difference(saved, hypernet.spec.fingerprint())
-    if mismatch:
-        raise CheckpointError(f"{path} was trained for another receiver ({mismatch}); "
-                              "use the model and generator.targets/layers it was trained with")
-    config = json.loads(meta.get("config", "{}"))
-    mismatch = _first_difference(config, json.loads(json.dumps(hypernet.config)))
-    if mismatch:
-        raise CheckpointError(f"{path} holds a different generator ({mismatch}); "
-                              "make the recipe's generator, senders and fusion match the checkpoint's recipe.yaml")
+    tensors = _checked(path, "weights", hypernet.spec.fingerprint(), hypernet.config,
+                       "use the model and generator.targets/layers it was trained with",
+                       "make the recipe's generator, senders and fusion match the checkpoint's recipe.yaml")
     result = hypernet.load_state_dict(tensors, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{path} does not fit the generator: missing {result.missing_keys[:3]}, "

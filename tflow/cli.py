@@ -106,15 +106,17 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from train.out_dir/lightning/last.ckpt.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
-    """Train the recipe's parameter generator on Lightning (the backbones stay frozen).
+    """Train one channel's part on Lightning (the backbones stay frozen): the parameter generator
+    (train.channel=weights, the default), the kv LoRA (kv) or the latent links (latent).
 
-    Writes train.out_dir/generator.safetensors, recipe.yaml, metrics.csv and a resumable
-    Lightning checkpoint.
+    Writes train.out_dir/generator.safetensors (weights), kv/ (a peft adapter folder) or
+    latent.safetensors, with recipe.yaml, metrics.csv and a resumable Lightning checkpoint.
     """
     from tflow.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides or ())
-    typer.echo(f"training {loaded.generator.kind} generator for {loaded.train.max_steps} steps -> {loaded.train.out_dir}")
+    part = {"weights": f"{loaded.generator.kind} generator", "kv": "kv LoRA", "latent": "latent links"}
+    typer.echo(f"training the {part[loaded.train.channel]} for {loaded.train.max_steps} steps -> {loaded.train.out_dir}")
     from tflow.training import train as run
 
     result = run(loaded, resume=resume, progress=progress)
@@ -122,7 +124,7 @@ def train(
         again = " ".join(["tflow train", str(recipe), *(overrides or ()), "--resume"])
         typer.echo(f"interrupted at step {result.global_step}; continue with: {again}", err=True)
         raise typer.Exit(130)
-    typer.echo(f"done: {result.global_step} steps; generator in {result.out_dir / 'generator.safetensors'}")
+    typer.echo(f"done: {result.global_step} steps; {part[loaded.train.channel]} in {result.part}")
 
 
 def _contexts(items: list[str] | None) -> dict[str, str]:
@@ -161,16 +163,14 @@ def ask(
     recipe: RecipeArg,
     question: Annotated[str, typer.Argument(help="The question for the receiver.", show_default=False)],
     checkpoint: Annotated[Path | None, typer.Option(help="Trained generator folder (a train.out_dir).")] = None,
-    channel: Annotated[str, typer.Option(help="none, text or weights.")] = "weights",
+    channel: Annotated[str, typer.Option(help="none, text, weights, kv or latent.")] = "weights",
     context: ContextOption = None,
     overrides: SetOption = None,
 ) -> None:
     """Ask one question and print the receiver's answer and one usage line."""
-    from tflow.errors import ChannelError
+    from tflow.checkpoint import require_parts
 
-    if channel == "weights" and checkpoint is None:
-        raise ChannelError("the weights channel needs a trained generator: pass --checkpoint DIR "
-                           "(the train.out_dir of `tflow train`), or use --channel none or text")
+    require_parts([channel], checkpoint)
     contexts = _contexts(context)
     import tflow
 
@@ -192,9 +192,10 @@ def eval_(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
     checkpoint: Annotated[Path | None, typer.Option(
-        help="Trained generator folder (a train.out_dir); the weights channel needs one.")] = None,
-    channels: Annotated[str, typer.Option(help="Comma-separated channels to compare: none, text, weights.")]
-    = "none,text,weights",
+        help="Trained folder (a train.out_dir) with the parts of weights, kv or latent; weights and latent "
+             "need one, kv runs untrained (LatentMAS) without.")] = None,
+    channels: Annotated[str, typer.Option(
+        help="Comma-separated channels to compare: none, text, weights, kv, latent.")] = "none,text,weights",
     task: Annotated[str | None, typer.Option(help="Task to evaluate [default: the recipe's data.task].")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N examples.")] = None,
     out: Annotated[Path, typer.Option(help="Folder for report.json, report.md, report.png, predictions.jsonl.")]
@@ -211,13 +212,10 @@ def eval_(
     and none, and, with --ablations, the accuracy of each ablation row. The weights channel's delta
     diagnostics go into the report.
     """
-    from tflow.errors import ChannelError, DataError
+    from tflow.errors import DataError
     from tflow.evaluate import parse_channels
 
     names = parse_channels(channels)
-    if "weights" in names and checkpoint is None:
-        raise ChannelError("the weights channel needs a trained generator: pass --checkpoint DIR "
-                           "(the train.out_dir of `tflow train`), or leave weights out of --channels")
     from tflow import tasks
     from tflow.io import writable_dir
     from tflow.recipe import load_recipe
@@ -230,6 +228,9 @@ def eval_(
     from tflow.diagnostics import parse_ablations
 
     parse_ablations(ablations, names, [s.name for s in loaded.senders])
+    from tflow.checkpoint import require_parts
+
+    require_parts(names, checkpoint)  # before any weights load
     out = writable_dir(out)
     import tflow
     from tflow.data import eval_examples
@@ -250,7 +251,8 @@ def eval_(
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the model, the generator and the report.")] = Path("runs/demo"),
     pretrain_steps: Annotated[int, typer.Option(min=1, help="Backbone pretraining steps.")] = 800,
-    train_steps: Annotated[int | None, typer.Option(min=1, help="Generator steps [default: the recipe's].")] = None,
+    train_steps: Annotated[int | None, typer.Option(
+        min=1, help="Training steps of each channel's part [default: the recipe's].")] = None,
     eval_limit: Annotated[int | None, typer.Option(min=1, help="Held-out facts to evaluate [default: all].")] = None,
     seed: Annotated[int, typer.Option(
         min=0, help="Seed of the backbone, its pretraining and the generator; the held-out facts stay the same.")] = 0,
@@ -260,9 +262,10 @@ def demo(
 ) -> None:
     """The embedded default: weight-space communication shown end to end, offline, on CPU.
 
-    Builds a tiny model, pretrains it on the relay format, trains a generator, and compares the
-    none, text and weights channels on held-out facts (report files as `tflow eval` writes them).
-    KEY=VALUE overrides apply to recipes/demo.yaml, for example `generator.kind=basis generator.rank=16`.
+    Builds a tiny model, pretrains it on the relay format, trains a generator, a kv LoRA and latent
+    links, and compares the none, text, weights, kv and latent channels on held-out facts (report
+    files as `tflow eval` writes them). KEY=VALUE overrides apply to recipes/demo.yaml, for example
+    `generator.kind=basis generator.rank=16`.
     """
     import torch
 
@@ -359,7 +362,7 @@ def serve(
         if threads is not None:
             torch.set_num_threads(threads)
         team = tflow.load(recipe, checkpoint, overrides or ())
-        channels = (["weights"] if checkpoint is not None else []) + ["text", "none"]
+        channels = (["weights"] if "weights" in team.trained else []) + ["text", "none"]
         app = create_app(team, channels, settings)
     except BaseException:
         sock.close()
@@ -387,6 +390,9 @@ def export(
 
     if not query.strip():
         raise QueryError("--query must not be empty")
+    from tflow.checkpoint import require_parts
+
+    require_parts(["weights"], checkpoint)
     contexts = _contexts(context)
     writable_dir(out)  # fail before loading any weights
     import tflow

@@ -105,9 +105,16 @@ def teacher_forced(tokenizer, prompts: Sequence[str], targets: Sequence[str], ma
 
     Returns ids [N, T], attention mask [N, T] and labels [N, T].
     """
+    seqs, labels = teacher_forced_ids(tokenizer, prompts, targets, max_length)
+    ids, mask = pad_batch(seqs, tokenizer.pad_token_id, "right", device)
+    return ids, mask.long(), pad_batch(labels, -100, "right", device)[0]
+
+
+def teacher_forced_ids(tokenizer, prompts: Sequence[str], targets: Sequence[str],
+                       max_length: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Per row, the ids of prompt + target + EOS and their labels (-100 on the prompt), cut to max_length."""
     seqs, labels = [], []
     for p, t in zip(token_ids(tokenizer, prompts), token_ids(tokenizer, targets), strict=True):
         seqs.append((p + t + [tokenizer.eos_token_id])[:max_length])
         labels.append(([-100] * len(p) + t + [tokenizer.eos_token_id])[:max_length])
-    ids, mask = pad_batch(seqs, tokenizer.pad_token_id, "right", device)
-    return ids, mask.long(), pad_batch(labels, -100, "right", device)[0]
+    return seqs, labels

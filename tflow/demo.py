@@ -1,10 +1,11 @@
 """tflow demo: a receiver answers about facts it never saw, passed on through its weights.
 
 Offline, on CPU, in minutes: (1) build a tiny Qwen3-architecture model and tokenizer locally;
-(2) teach it the relay format with a short pretraining, then freeze it; (3) train a generator
-on Lightning so that a sender reading a private fact passes it to a receiver that sees only the
-question; (4) compare the channels none, text and weights on held-out facts and write the same
-report `tflow eval` writes.
+(2) teach it the relay format with a short pretraining, then freeze it; (3) train, on Lightning,
+each channel's part so that a sender reading a private fact passes it to a receiver that sees
+only the question: the generator (weights), the receiver's LoRA over the KV trace (kv) and the
+latent links (latent), into one folder; (4) compare the five channels none, text, weights, kv
+and latent on held-out facts and write the same report `tflow eval` writes.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tflow.agents import chat_prompt
-from tflow.channels import text_turn
+from tflow.channels import CHANNELS, text_turn
 from tflow.tasks import Example, relay
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+TRAINED = ("weights", "kv", "latent")  # the channels whose parts the demo trains, in this order
 
 
 @dataclass(frozen=True)
@@ -120,14 +122,15 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings = DemoSetting
     del model
     recipe = load_recipe(recipe_path, [*overrides, f"model.path={out / 'model'}"])
 
-    say(f"[3/4] training the {recipe.generator.kind} generator on Lightning ({recipe.train.max_steps} steps); "
-        "the backbone stays frozen")
-    train(recipe, progress=progress)
+    say(f"[3/4] training the {recipe.generator.kind} generator, the kv LoRA and the latent links on Lightning "
+        f"({recipe.train.max_steps} steps each); the backbone stays frozen")
+    for channel in TRAINED:
+        train(load_recipe(recipe_path, [*overrides, f"model.path={out / 'model'}", f"train.channel={channel}"]),
+              progress=progress)
 
-    say(f"[4/4] comparing channels none, text and weights on {len(test)} held-out facts")
+    say(f"[4/4] comparing channels {', '.join(CHANNELS)} on {len(test)} held-out facts")
     team = load(recipe, checkpoint=out / "generator")
-    result = evaluate(team, splits.task, test, ["none", "text", "weights"],
-                      batch_size=settings.batch_size, progress=progress)
+    result = evaluate(team, splits.task, test, list(CHANNELS), batch_size=settings.batch_size, progress=progress)
     report = write_report(result, out)
     say(render_table(report))
     return report

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from tflow.agents import Receiver, Sender
-from tflow.channels import guard_delta, sender_names
 from tflow.basis import BasisDelta
+from tflow.channels import guard_delta, sender_names
 from tflow.encoding import encode
 from tflow.errors import AblationError, ChannelError
 from tflow.fusion import Delta, fuse

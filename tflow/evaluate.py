@@ -40,6 +40,7 @@ class ChannelResult:
     """
 
     channel: str
+    label: str | None = None  # its name in reports when it differs: `kv (LatentMAS)` while untrained
     predictions: list[Prediction] = field(default_factory=list)
     seconds_by_stage: dict[str, float] = field(default_factory=dict)
     peak_memory_bytes: dict[str, int | None] = field(default_factory=dict)
@@ -183,8 +184,8 @@ def _run(team: Team, task: Task, examples: Sequence[Example], channel: str, batc
          ablation: tuple[str, object] | None = None) -> ChannelResult:
     """One channel over every example in batched calls; `ablation` = (row, messages over all examples)
     answers with those messages instead of the channel's own."""
-    result = ChannelResult(channel)
-    label = channel if ablation is None else f"{channel} · {ablation[0]}"
+    result = ChannelResult(channel, team.label(channel))
+    label = result.label if ablation is None else f"{channel} · {ablation[0]}"
     job = bar.add_task(f"{task.name} · {label}", total=len(examples))
     for start in range(0, len(examples), batch_size):
         rows = slice(start, start + batch_size)

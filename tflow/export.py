@@ -43,6 +43,30 @@ def query_delta(team, query: str, contexts: Mapping[str, str] | None = None) -> 
     return delta.detach()
 
 
+def base_model_name(model) -> str | None:
+    """What peft's `base_model_name_or_path` records for `model` (None when it has no name)."""
+    return getattr(model.config, "name_or_path", None) or None
+
+
+def peft_config(base_model: str | None, rank: int, alpha: float, modules) -> dict:
+    """peft's adapter_config.json of a LoRA of `rank` and `alpha` on `modules` (full names)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": list(modules),
+        "base_model_name_or_path": base_model,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "fan_in_fan_out": False,
+        "lora_dropout": 0.0,
+        "inference_mode": True,
+    }
+
+
 def export_adapter(team, query: str, out: str | Path, contexts: Mapping[str, str] | None = None) -> Path:
     """Write `query`'s fused delta to folder `out` as a PEFT LoRA adapter; returns `out`.
 
@@ -60,22 +84,7 @@ def export_adapter(team, query: str, out: str | Path, contexts: Mapping[str, str
     for name, (a, b) in delta.factors.items():
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a[0].contiguous()
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = (b[0] * delta.scale).contiguous()
-    model = team.receiver.model
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": rank,
-        "lora_alpha": rank,
-        "target_modules": sorted(delta.factors),
-        "base_model_name_or_path": getattr(model.config, "name_or_path", None) or None,
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "modules_to_save": None,
-        "fan_in_fan_out": False,
-        "lora_dropout": 0.0,
-        "inference_mode": True,
-    }
+    config = peft_config(base_model_name(team.receiver.model), rank, rank, sorted(delta.factors))
     atomic_write_safetensors(tensors, out / ADAPTER_WEIGHTS, {"format": "pt"})
     atomic_write_text(out / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
     return out

@@ -13,6 +13,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from tflow.encoding import pad_batch, token_ids
 from tflow.errors import QueryError
+from tflow.trace import Trace
 
 
 @dataclass(frozen=True)
@@ -84,38 +85,53 @@ def kv_cache_bytes(model: nn.Module, tokens: int) -> int:
 
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str], settings: GenerationSettings,
              max_new_tokens: int | None = None, *, budgets: Sequence[int] | None = None,
-             stream: RowStream | None = None) -> Generated:
+             stream: RowStream | None = None, past: Trace | None = None) -> Generated:
+    """Left-padded batched generate() of chat-template texts; see `generate_ids`."""
+    return generate_ids(model, tokenizer, token_ids(tokenizer, prompts), settings, max_new_tokens,
+                        budgets=budgets, stream=stream, past=past)
+
+
+def generate_ids(model: nn.Module, tokenizer, seqs: Sequence[Sequence[int]], settings: GenerationSettings,
+                 max_new_tokens: int | None = None, *, budgets: Sequence[int] | None = None,
+                 stream: RowStream | None = None, past: Trace | None = None) -> Generated:
     """Left-padded batched generate(); counts stop at each row's first EOS.
 
     `budgets` gives each row its own token budget (at most the call's); a row that reaches it
     stops and its batch-mates decode on. `stream` sees every row's tokens as they come and may
-    stop rows. Neither changes a row's tokens: a row decodes as it would alone.
+    stop rows. Neither changes a row's tokens: a row decodes as it would alone. With `past` (a
+    tflow.trace.Trace of the same rows), each row's prompt is read on top of its cache, which the
+    call extends in place (the trace is spent after); generate() derives positions from the full
+    mask, so padding inside the cache moves none.
 
     Raises:
-        QueryError: a prompt plus its token budget exceeds the model's context, or budgets or a
-            stream with beam search.
+        QueryError: a prompt (after its `past`) plus its token budget exceeds the model's context,
+            or budgets or a stream with beam search.
     """
     budget = max_new_tokens or settings.max_new_tokens
-    rows = [budget] * len(prompts) if budgets is None else [min(b, budget) for b in budgets]
+    rows = [budget] * len(seqs) if budgets is None else [min(b, budget) for b in budgets]
     if (budgets is not None or stream is not None) and settings.num_beams > 1:
         raise QueryError("per-query token budgets and streaming need num_beams 1")
-    seqs = token_ids(tokenizer, prompts)
+    before = past.lengths() if past is not None else [0] * len(seqs)
     limit = context_length(model)
-    longest = max(len(s) + b for s, b in zip(seqs, rows, strict=True))
-    if limit is not None and longest > limit:
-        row = max(range(len(seqs)), key=lambda i: len(seqs[i]) + rows[i])
+    need = [p + len(s) + b for p, s, b in zip(before, seqs, rows, strict=True)]
+    if limit is not None and max(need) > limit:
+        row = max(range(len(seqs)), key=need.__getitem__)
+        held = f" after {before[row]} positions of trace" if before[row] else ""
         raise QueryError(
-            f"prompt of {len(seqs[row])} tokens plus {rows[row]} new tokens exceeds the model's context of "
+            f"prompt of {len(seqs[row])} tokens{held} plus {rows[row]} new tokens exceeds the model's context of "
             f"{limit}; shorten the query or lower max_new_tokens"
         )
     device = next(model.parameters()).device
     ids, mask = pad_batch(seqs, tokenizer.pad_token_id, "left", device)
+    mask = mask.long() if past is None else torch.cat([past.mask, mask.long()], dim=1)
     eos = _eos_ids(model, tokenizer)
     watch = _RowWatch(rows, eos, stream, ids.shape[1]) if budgets is not None or stream is not None else None
     extra = {} if watch is None else {"stopping_criteria": StoppingCriteriaList([watch]),
                                       "streamer": watch.streamer if stream is not None else None}
+    if past is not None:
+        extra["past_key_values"] = past.cache
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask.long(), pad_token_id=tokenizer.pad_token_id,
+        out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=eos, **settings.kwargs(max(rows)), **extra)
     new = out[:, ids.shape[1]:]
     counts = [min(_through_first_eos(row, eos), b) for row, b in zip(new, rows, strict=True)]

@@ -62,11 +62,11 @@ _LOCK = threading.Lock()
 
 def prefixes(model: nn.Module, id_lists: list[tuple[int, ...]]) -> list[Prefix]:
     """The states of each token-id tuple on `model`'s decoder stack, from the cache or computed and kept."""
-    stamp = _stamp(model)
+    now = stamp(model)
     with _LOCK:
         cache = _CACHES.get(model)
-        if cache is None or cache.stamp != stamp:
-            cache = _CACHES[model] = _ModelCache(stamp)
+        if cache is None or cache.stamp != now:
+            cache = _CACHES[model] = _ModelCache(now)
     found = []
     for ids in id_lists:
         with _LOCK:
@@ -100,7 +100,8 @@ def _compute(model: nn.Module, ids: tuple[int, ...]) -> Prefix:
                   torch.stack(out.hidden_states)[:, 0])
 
 
-def _stamp(model: nn.Module) -> tuple:
+def stamp(model: nn.Module) -> tuple:
+    """Changes whenever any parameter or buffer of `model` is moved, replaced or edited in place."""
     # Tensor._version counts in-place writes; torch has no public equivalent, and a stale prefix
     # would silently change every answer, so this reads it.
     return tuple((t.data_ptr(), t._version, t.dtype) for t in itertools.chain(model.parameters(), model.buffers()))

@@ -213,6 +213,47 @@ class GeneratorSection(_Section):
         return heads
 
 
+class KVSection(_Section):
+    """The kv channel (DiffMAS; LatentMAS while untrained): senders build a shared KV trace in turn,
+    the receiver decodes on it with its own LoRA."""
+
+    latent_steps: int = Field(10, ge=0)
+    """Latent steps each sender runs after prefilling its turn onto the trace: its last-layer
+    state, rescaled to the mean input-embedding norm, becomes the next input embedding."""
+    realign: bool = False
+    """Map each last-layer state into the input-embedding space with LatentMAS's ridge matrix
+    W_a = (W_out^T W_out + 1e-5 I)^-1 W_out^T W_in before the norm rescaling (about the identity
+    for tied embeddings)."""
+    rank: int = Field(8, gt=0)
+    """Rank of the receiver's LoRA (trained by `tflow train RECIPE train.channel=kv`)."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
+    """Linear module kinds of the receiver the LoRA adapts in each layer."""
+    layers: list[int] | None = None
+    """Decoder layer indices the LoRA adapts; null: every layer."""
+
+    _unique = field_validator("targets", "layers")(GeneratorSection._unique.__func__)
+    _non_negative = field_validator("layers")(GeneratorSection._non_negative.__func__)
+
+
+class LatentSection(_Section):
+    """The latent channel (RecursiveMAS): latent thoughts through trained links, spliced into the
+    receiver's prompt."""
+
+    latent_steps: int = Field(16, ge=0)
+    """Latent thoughts each sender rolls out: its last-layer state through its InnerLink, fed
+    back as the next input embedding."""
+    rounds: int = Field(1, ge=1)
+    """Recursion rounds: after each but the last, the receiver's own latent thoughts go back to
+    the first sender through the feedback OuterLink."""
+    hidden: int | None = Field(None, gt=0)
+    """Hidden width of every link's MLP; null: the width of the link's input."""
+    inner_weight: float = Field(1.0, ge=0)
+    """Weight of the InnerLinks' loss, (1 - cos) + 0.1 MSE against the next token's embedding,
+    beside the receiver's cross-entropy that trains the OuterLinks."""
+
+
 class FusionSection(_Section):
     """How the deltas of several senders are combined."""
 
@@ -295,7 +336,11 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
-    """Generator training (Lightning); the backbones stay frozen."""
+    """Training on Lightning of one channel's parts; the backbones stay frozen."""
+
+    channel: Literal["weights", "kv", "latent"] = "weights"
+    """What to train: `weights` the generator, `kv` the receiver's LoRA over the senders' KV
+    trace (DiffMAS), `latent` the InnerLinks and OuterLinks (RecursiveMAS)."""
 
     max_steps: int = Field(200, gt=0)
     """Optimizer steps to train for."""
@@ -390,6 +435,10 @@ class Recipe(_Section):
     """The parameter generator."""
     fusion: FusionSection = Field(default_factory=FusionSection)
     """Fusion of the senders' deltas."""
+    kv: KVSection = Field(default_factory=KVSection)
+    """The kv channel."""
+    latent: LatentSection = Field(default_factory=LatentSection)
+    """The latent channel."""
     data: DataSection | None = None
     """The dataset; needed by train and eval, not by ask or demo."""
     train: TrainSection = Field(default_factory=TrainSection)
@@ -407,6 +456,13 @@ class Recipe(_Section):
         )
         if problems:
             raise PydanticCustomError("recipe_names", "{message}", {"message": "; ".join(problems)})
+        return self
+
+    @model_validator(mode="after")
+    def _trace_without_checkpointing(self) -> Recipe:
+        if self.train.channel in ("kv", "latent") and self.train.gradient_checkpointing:
+            raise ValueError(f"train.gradient_checkpointing: must be false with train.channel={self.train.channel} "
+                             "(HF drops the past cache a trace is read with while checkpointing)")
         return self
 
     def to_dict(self) -> dict:
@@ -653,6 +709,8 @@ def reference_markdown() -> str:
         ("receiver", "receiver.", ReceiverSection),
         ("generator", "generator.", GeneratorSection),
         ("fusion", "fusion.", FusionSection),
+        ("kv", "kv.", KVSection),
+        ("latent", "latent.", LatentSection),
         ("data", "data.", DataSection),
         ("data.fields", "data.fields.", FieldsSection),
         ("data.relay", "data.relay.", RelaySection),

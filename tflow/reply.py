@@ -7,16 +7,22 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class AgentUsage:
-    """What one agent processed: prompt tokens (no padding), generated tokens (through EOS) and
-    the bytes their keys and values take in its KV cache."""
+    """What one agent processed: prompt tokens (no padding), generated tokens (through EOS),
+    latent positions and the bytes their keys and values take in its KV cache.
+
+    `latent_positions` are positions fed as vectors instead of tokens (kv and latent channels):
+    the latent steps the agent ran, and the latent thoughts spliced into its prompt. Each costs a
+    forward position like a token, so `total_tokens` counts them.
+    """
 
     prompt_tokens: int
     generated_tokens: int = 0
     kv_cache_bytes: int = 0
+    latent_positions: int = 0
 
     @property
     def total_tokens(self) -> int:
-        return self.prompt_tokens + self.generated_tokens
+        return self.prompt_tokens + self.generated_tokens + self.latent_positions
 
 
 @dataclass(frozen=True)
@@ -34,8 +40,12 @@ class Usage:
         return sum(u.generated_tokens for u in self.by_agent.values())
 
     @property
+    def latent_positions(self) -> int:
+        return sum(u.latent_positions for u in self.by_agent.values())
+
+    @property
     def total_tokens(self) -> int:
-        return self.prompt_tokens + self.generated_tokens
+        return self.prompt_tokens + self.generated_tokens + self.latent_positions
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -50,7 +60,8 @@ class Reply:
     the reply and `peak_memory_bytes` the peak CUDA memory each stage allocated above what was
     allocated when it began (None per stage when no agent runs on CUDA); the queries of one batched
     call share both. `message_bytes` is what crossed from the senders to the receiver for this
-    query: its delta's bytes (weights) or its message tokens' bytes (text).
+    query: its delta's bytes (weights), its message tokens' bytes (text), the bytes of the KV trace
+    the senders built (kv) or of the latent vectors spliced into the receiver's prompt (latent).
 
     `delta_applied` is True when the weights channel patched this query's delta in, False when
     it refused the delta (not finite, or above the generator's `max_delta_norm`) and answered

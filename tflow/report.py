@@ -51,6 +51,7 @@ def report_dict(result: EvalResult) -> dict:
 
 def _channel(r: ChannelResult, n: int) -> dict:
     return {
+        "label": r.label or r.channel,
         "accuracy": r.accuracy,
         "correct": r.correct,
         "seconds": r.seconds,
@@ -100,7 +101,7 @@ def table_rows(report: dict) -> list[list[str]]:
         return c["seconds"]
 
     return [
-        [name, f"{100 * c['accuracy']:.2f}", str(c["tokens"]["total"]), f"{c['seconds']:.2f}",
+        [c.get("label", name), f"{100 * c['accuracy']:.2f}", str(c["tokens"]["total"]), f"{c['seconds']:.2f}",
          ratio(name, "text", tokens), ratio(name, "none", tokens),
          ratio(name, "text", seconds), ratio(name, "none", seconds)]
         for name, c in channels.items()
@@ -141,7 +142,7 @@ def markdown(report: dict) -> str:
            _md_row(["---"] * 8)]
     for name, c in report["channels"].items():
         stage_seconds = [f"{c['seconds_by_stage'][s]:.2f}" if s in c["seconds_by_stage"] else "—" for s in STAGES]
-        out.append(_md_row([name, str(c["tokens"]["by_stage"]["senders"]), str(c["tokens"]["by_stage"]["receiver"]),
+        out.append(_md_row([c.get("label", name), str(c["tokens"]["by_stage"]["senders"]), str(c["tokens"]["by_stage"]["receiver"]),
                             *stage_seconds, f"{c['message_bytes']:.0f}", f"{c['kv_cache_bytes'] / report['n']:.0f}"]))
     for channel in report.get("ablations", {}):
         header, rows = ablation_rows(report, channel)
@@ -214,7 +215,7 @@ def figure(report: dict):
     for name, c in channels.items():
         point = (c["tokens"]["total"], 100 * c["accuracy"])
         left.scatter(*point, s=60)
-        left.annotate(name, point, textcoords="offset points", xytext=(6, 4))
+        left.annotate(c.get("label", name), point, textcoords="offset points", xytext=(6, 4))
     left.set(xlabel="processed tokens", ylabel="accuracy (%)", ylim=(-5, 105),
              title=f"{report['task']}: accuracy vs processed tokens")
     left.margins(x=0.2)  # room for the labels of the outermost points

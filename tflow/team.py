@@ -6,8 +6,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from tflow.agents import Receiver, Sender
 from tflow.channels import communicate
+from tflow.channels.kv_lora import KVLoRA
+from tflow.channels.links import Links
 from tflow.hypernetwork import Hypernetwork
 from tflow.models import load_backbone
 from tflow.reply import Reply
@@ -21,17 +25,37 @@ class Team:
     senders: list[Sender]
     receiver: Receiver
     recipe: object
+    checkpoint: Path | None = None
+    trained: frozenset[str] = frozenset()
+    """The channels whose trained parts came from `checkpoint`."""
 
     def communicate(self, query: str | Sequence[str], channel: str = "weights", **generation) -> Reply | list[Reply]:
-        """tflow.communicate with the recipe's `generate` settings as defaults."""
-        settings = {**self.recipe.generate.model_dump(), **generation}
+        """tflow.communicate with the recipe's `generate` settings (and the kv or latent section's
+        for those channels) as defaults."""
+        settings = {**self.recipe.generate.model_dump(), **channel_settings(self.recipe, channel), **generation}
         return communicate(self.senders, self.receiver, query, channel=channel, **settings)
+
+    def label(self, channel: str) -> str:
+        """The channel's name in reports: `kv (LatentMAS)` while the kv LoRA is untrained."""
+        lora = self.receiver.kv_lora
+        return "kv (LatentMAS)" if channel == "kv" and (lora is None or lora.is_zero()) else channel
+
+
+def channel_settings(recipe, channel: str) -> dict:
+    """The communicate options a recipe sets for `channel` beyond its `generate` section."""
+    if channel == "kv":
+        return {"latent_steps": recipe.kv.latent_steps, "realign": recipe.kv.realign}
+    if channel == "latent":
+        return {"latent_steps": recipe.latent.latent_steps, "rounds": recipe.latent.rounds}
+    return {}
 
 
 def load(recipe: str | Path | Mapping, checkpoint: str | Path | None = None, overrides: Sequence[str] = ()) -> Team:
-    """Build the team of a recipe; with `checkpoint`, load its trained generator (checked first).
+    """Build the team of a recipe; with `checkpoint`, load every trained part it holds (checked first).
 
-    Without a checkpoint the generator is fresh: its B heads are zero, an exact no-op.
+    Without a checkpoint every part is fresh: the generator's B heads and the kv LoRA's B are zero,
+    exact no-ops (so kv is LatentMAS); the latent links are random. A checkpoint folder may hold
+    the parts of several channels (`tflow.checkpoint`); `Team.trained` says which it had.
     A backbone shared by several agents is loaded once.
 
     Raises:
@@ -41,8 +65,7 @@ def load(recipe: str | Path | Mapping, checkpoint: str | Path | None = None, ove
     from tflow.recipe import Recipe, load_recipe
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
-    if checkpoint is not None:
-        ckpt.locate(checkpoint)  # fail before loading any weights
+    parts = ckpt.trained_parts(checkpoint) if checkpoint is not None else {}  # fail before loading weights
     cache: dict[str, tuple] = {}
 
     def backbone(section):
@@ -59,9 +82,15 @@ def load(recipe: str | Path | Mapping, checkpoint: str | Path | None = None, ove
     model, tokenizer = backbone(recipe.receiver.model)
     receiver = Receiver(model, tokenizer, recipe.receiver.system_prompt, name=recipe.receiver.name)
     receiver.generator = build_hypernetwork(recipe, senders, receiver)
-    if checkpoint is not None:
-        ckpt.load_into(receiver.generator, checkpoint)
-    return Team(senders, receiver, recipe)
+    receiver.kv_lora = build_kv_lora(recipe, receiver)
+    receiver.links = build_links(recipe, senders, receiver)
+    if "weights" in parts:
+        ckpt.load_into(receiver.generator, parts["weights"])
+    if "kv" in parts:
+        ckpt.load_kv(receiver.kv_lora, parts["kv"])
+    if "latent" in parts:
+        ckpt.load_links(receiver.links, parts["latent"], ckpt.links_fingerprint(senders, receiver))
+    return Team(senders, receiver, recipe, Path(checkpoint) if checkpoint is not None else None, frozenset(parts))
 
 
 def build_hypernetwork(recipe, senders: Sequence[Sender], receiver: Receiver) -> Hypernetwork:
@@ -72,3 +101,19 @@ def build_hypernetwork(recipe, senders: Sequence[Sender], receiver: Receiver) ->
     hypernet = Hypernetwork(spec, g.model_dump(exclude={"targets", "layers", "max_delta_norm"}), len(senders), config.num_hidden_layers + 1,
                             config.hidden_size, recipe.fusion.gate_init, g.max_delta_norm)
     return hypernet.to(next(receiver.model.parameters()).device)
+
+
+def build_kv_lora(recipe, receiver: Receiver) -> KVLoRA:
+    """A fresh kv LoRA (zero B: the kv channel is LatentMAS) for the recipe's `kv` section."""
+    kv = recipe.kv
+    lora = KVLoRA(ReceiverSpec.from_model(receiver.model, kv.targets, kv.layers), kv.rank, kv.alpha, recipe.seed)
+    return lora.to(next(receiver.model.parameters()).device)
+
+
+def build_links(recipe, senders: Sequence[Sender], receiver: Receiver) -> Links:
+    """Fresh latent-channel links for the recipe's `latent` section, on the receiver's device."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        links = Links([s.model.config.hidden_size for s in senders], receiver.model.config.hidden_size,
+                      recipe.latent.hidden)
+    return links.to(next(receiver.model.parameters()).device)

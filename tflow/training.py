@@ -29,12 +29,12 @@ from tflow.team import Team, load
 LIGHTNING_DIR = "lightning"
 
 
-class GeneratorModule(L.LightningModule):
-    """Holds the team; only `hypernet` (generator, layer aggregation, fusion gates) is trained."""
+class ChannelModule(L.LightningModule):
+    """Holds the team; a subclass registers the channel's trained part as its only submodule and
+    says how to save it. The frozen backbones stay outside state_dict and DDP."""
 
     def __init__(self, team: Team, splits: Splits):
         super().__init__()
-        self.hypernet = team.receiver.generator
         self._team = (team,)  # a tuple keeps the frozen backbones out of state_dict and DDP
         self.task = splits.task
 
@@ -42,17 +42,48 @@ class GeneratorModule(L.LightningModule):
     def team(self) -> Team:
         return self._team[0]
 
+    def save_part(self, out_dir: Path) -> Path:
+        """Write the trained part into `out_dir` (safetensors); returns the file."""
+        raise NotImplementedError
+
     def on_fit_start(self) -> None:
         models = {id(a.model): a.model for a in [*self.team.senders, self.team.receiver]}
         for model in models.values():
             model.to(self.device)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # a list of Examples (text); tensors are made on the device in each step
+
+    def configure_optimizers(self):
+        train = self.team.recipe.train
+        opt = torch.optim.AdamW(self.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+
+        def factor(step: int) -> float:  # linear warmup, then cosine decay to 10% of the peak
+            if step < train.warmup_steps:
+                return (step + 1) / (train.warmup_steps + 1)
+            progress = min(1.0, (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class GeneratorModule(ChannelModule):
+    """The weights channel: only `hypernet` (generator, layer aggregation, fusion gates) is trained."""
+
+    def __init__(self, team: Team, splits: Splits):
+        super().__init__(team, splits)
+        self.hypernet = team.receiver.generator
+
+    def save_part(self, out_dir: Path) -> Path:
+        return checkpoint.save(self.hypernet, out_dir, self.team.recipe)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
         receiver = self.team.receiver.model
         if self.team.recipe.train.gradient_checkpointing:
             receiver.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             receiver.train()  # HF checkpoints only in training mode; the backbones have no dropout on
-
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return batch  # a list of Examples (text); tensors are made on the device in each step
 
     def _delta_and_batch(self, examples):
         team, recipe = self.team, self.team.recipe
@@ -85,29 +116,16 @@ class GeneratorModule(L.LightningModule):
             loss = self.team.receiver.model(**batch).loss
         self.log("val_loss", loss, prog_bar=True, batch_size=len(examples), sync_dist=True)
 
-    def configure_optimizers(self):
-        train = self.team.recipe.train
-        opt = torch.optim.AdamW(self.hypernet.parameters(), lr=train.lr, weight_decay=train.weight_decay)
 
-        def factor(step: int) -> float:  # linear warmup, then cosine decay to 10% of the peak
-            if step < train.warmup_steps:
-                return (step + 1) / (train.warmup_steps + 1)
-            progress = min(1.0, (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-class SaveGenerator(L.Callback):
-    """Writes generator.safetensors (atomically) after every validation and at the end."""
+class SavePart(L.Callback):
+    """Writes the channel's trained part (atomically) after every validation and at the end."""
 
     def __init__(self, out_dir: Path):
         self.out_dir = out_dir
 
     def _save(self, trainer, module) -> None:
         if trainer.is_global_zero and not trainer.sanity_checking:
-            checkpoint.save(module.hypernet, self.out_dir, module.team.recipe)
+            module.save_part(self.out_dir)
 
     def on_validation_end(self, trainer, module) -> None:
         if trainer.state.fn == "fit":
@@ -132,12 +150,16 @@ class TrainResult:
     global_step: int
     interrupted: bool
     team: Team
+    part: Path
 
 
 def train(recipe, *, resume: bool = False, progress: bool = True, callbacks=()) -> TrainResult:
-    """Train the recipe's generator; checkpoints go to `train.out_dir`.
+    """Train the part of the recipe's `train.channel` (the generator by default); checkpoints go
+    to `train.out_dir`, beside the parts of other channels trained there.
 
-    With `resume`, continue from `train.out_dir/lightning/last.ckpt` (loaded weights-only).
+    With `resume`, continue from `train.out_dir/lightning/last.ckpt` (loaded weights-only). The
+    metrics and the Lightning checkpoint of a kv or latent run go in `train.out_dir/kv-run` or
+    `latent-run` (`run_dir`), so runs of several channels into one folder keep their own.
 
     Raises:
         RecipeError, DataError, ModelLoadError, CheckpointError (resume without a checkpoint),
@@ -147,14 +169,15 @@ def train(recipe, *, resume: bool = False, progress: bool = True, callbacks=()) 
 
     cfg = recipe.train
     out_dir = Path(cfg.out_dir)
-    last = out_dir / LIGHTNING_DIR / "last.ckpt"
+    logs = run_dir(out_dir, cfg.channel)
+    last = logs / LIGHTNING_DIR / "last.ckpt"
     if resume and not last.is_file():
         raise CheckpointError(f"--resume: {last} does not exist; start without --resume or check train.out_dir")
     writable_dir(out_dir)  # fail before loading any weights, not at the first checkpoint
     L.seed_everything(recipe.seed, verbose=False)
     splits = load_splits(recipe)  # data problems surface before any weights load
     team = load(recipe)
-    module = GeneratorModule(team, splits)
+    module = _module(recipe.train.channel)(team, splits)
     shuffle = torch.Generator().manual_seed(recipe.seed)
     train_loader = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=True, collate_fn=list,
                               num_workers=cfg.num_workers, generator=shuffle)
@@ -172,10 +195,10 @@ def train(recipe, *, resume: bool = False, progress: bool = True, callbacks=()) 
         limit_val_batches=cfg.val_batches if cfg.val_batches is not None else 1.0,
         check_val_every_n_epoch=None,
         log_every_n_steps=cfg.log_every,
-        logger=_logger(cfg, out_dir),
+        logger=_logger(cfg, logs),
         callbacks=[
-            SaveGenerator(out_dir),
-            ModelCheckpoint(dirpath=out_dir / LIGHTNING_DIR, save_last=True, save_top_k=0,
+            SavePart(out_dir),
+            ModelCheckpoint(dirpath=logs / LIGHTNING_DIR, save_last=True, save_top_k=0,
                             every_n_train_steps=cfg.val_every),
             *callbacks,
         ],
@@ -183,12 +206,12 @@ def train(recipe, *, resume: bool = False, progress: bool = True, callbacks=()) 
         num_sanity_val_steps=0,
         enable_progress_bar=progress,
         enable_model_summary=False,
-        default_root_dir=out_dir,
+        default_root_dir=logs,
     )
     if not resume:
         trainer.validate(module, val_loader, verbose=False)  # val_loss before training, at step 0
-    metrics = out_dir / "metrics.csv"
-    backup = out_dir / "metrics.before-resume.csv"
+    metrics = logs / "metrics.csv"
+    backup = logs / "metrics.before-resume.csv"
     if resume and metrics.is_file():
         shutil.copyfile(metrics, backup)  # Lightning's CSV writer deletes the file it resumes into
     try:
@@ -199,7 +222,20 @@ def train(recipe, *, resume: bool = False, progress: bool = True, callbacks=()) 
             raise
     if backup.is_file() and trainer.is_global_zero:
         _merge_metrics(backup, metrics)
-    return TrainResult(out_dir, trainer.global_step, trainer.interrupted, team)
+    return TrainResult(out_dir, trainer.global_step, trainer.interrupted, team, out_dir / checkpoint.PART_FILES[cfg.channel])
+
+
+def run_dir(out_dir: Path, channel: str) -> Path:
+    """Where a run of `channel` into `out_dir` keeps metrics.csv and its Lightning checkpoint."""
+    return out_dir if channel == "weights" else out_dir / f"{channel}-run"
+
+
+def _module(channel: str) -> type[ChannelModule]:
+    if channel == "weights":
+        return GeneratorModule
+    from tflow.channel_training import KVModule, LatentModule
+
+    return {"kv": KVModule, "latent": LatentModule}[channel]
 
 
 def _merge_metrics(earlier: Path, later: Path) -> None:

@@ -1,0 +1,116 @@
+"""Training the kv and latent channels' parts on Lightning; every LLM stays frozen.
+
+kv (DiffMAS): the senders build the KV trace without gradient and without the adapter; the
+receiver reads its prompt and the gold answer on it with its LoRA patched in, cross-entropy on
+the answer tokens. latent (RecursiveMAS): the senders' thoughts are rolled out without gradient;
+the OuterLinks learn from the receiver's cross-entropy on the answer with the thoughts spliced
+into its prompt, and each sender's InnerLink learns to map its prompt's hidden state t to the
+input embedding of token t + 1 ((1 - cos) + 0.1 MSE). The receiver's InnerLink and the feedback
+OuterLink (used with rounds > 1) are not trained here: training runs one round.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tflow import checkpoint
+from tflow.channels import sender_names
+from tflow.channels.kv import build_trace
+from tflow.channels.latent import receiver_turn, rollout, spliced
+from tflow.channels.links import inner_loss
+from tflow.channels.registry import Call
+from tflow.data import teacher_forced_ids
+from tflow.encoding import pad_batch, token_ids
+from tflow.export import base_model_name
+from tflow.generation import GenerationSettings
+from tflow.patching import patched
+from tflow.trace import Trace
+from tflow.training import ChannelModule
+
+
+def answer_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy where labels are not -100. logits [N, W, V], labels [N, W]."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+class _Examples(ChannelModule):
+    """Steps that compute one loss per batch of examples, logged as train_loss and val_loss."""
+
+    def batch_parts(self, examples):
+        """The queries, per-sender contexts and answer targets of a batch."""
+        queries = [self.task.prompt(ex) for ex in examples]
+        contexts = [[ex.contexts.get(s.name) for ex in examples] for s in self.team.senders]
+        targets = [self.task.target(ex, self.team.recipe.data.fields.answer) for ex in examples]
+        return queries, contexts, targets
+
+    def training_step(self, examples, batch_idx):
+        loss = self.loss(examples)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(examples))
+        return loss
+
+    def validation_step(self, examples, batch_idx):
+        self.log("val_loss", self.loss(examples), prog_bar=True, batch_size=len(examples), sync_dist=True)
+
+
+class KVModule(_Examples):
+    """The kv channel: only the receiver's LoRA (`lora`) is trained."""
+
+    def __init__(self, team, splits):
+        super().__init__(team, splits)
+        self.lora = team.receiver.kv_lora
+
+    def save_part(self, out_dir: Path) -> Path:
+        return checkpoint.save_kv(self.lora, out_dir, self.team.recipe, base_model_name(self.team.receiver.model))
+
+    def loss(self, examples) -> Tensor:
+        team, kv = self.team, self.team.recipe.kv
+        receiver = team.receiver
+        queries, contexts, targets = self.batch_parts(examples)
+        call = Call(team.senders, receiver, queries, GenerationSettings(), sender_names(team.senders, receiver),
+                    contexts, latent_steps=kv.latent_steps, realign=kv.realign)
+        with torch.no_grad():
+            trace, _ = build_trace(call)
+        tok = receiver.tokenizer
+        seqs, labels = teacher_forced_ids(tok, [receiver.prompt(q) for q in queries], targets,
+                                          team.recipe.train.max_length)
+        with patched(receiver.model, self.lora.delta(), validate=False):
+            logits = trace.append_ids(seqs, tok.pad_token_id, full=True).logits
+        return answer_loss(logits, pad_batch(labels, -100, "left", trace.device)[0])
+
+
+class LatentModule(_Examples):
+    """The latent channel: the senders' InnerLinks and OuterLinks (`links`) are trained."""
+
+    def __init__(self, team, splits):
+        super().__init__(team, splits)
+        self.links = team.receiver.links
+
+    def save_part(self, out_dir: Path) -> Path:
+        fingerprint = checkpoint.links_fingerprint(self.team.senders, self.team.receiver)
+        return checkpoint.save_links(self.links, out_dir, fingerprint, self.team.recipe)
+
+    def loss(self, examples) -> Tensor:
+        team, latent = self.team, self.team.recipe.latent
+        receiver, tok = team.receiver, team.receiver.tokenizer
+        queries, contexts, targets = self.batch_parts(examples)
+        thoughts, inner = [], []
+        for s, sender in enumerate(team.senders):
+            texts = [sender.prompt(q, contexts[s][i]) for i, q in enumerate(queries)]
+            with torch.no_grad():
+                done = rollout(sender.model, sender.tokenizer, texts, self.links.inner[s], latent.latent_steps)
+            real = done.mask.bool()
+            inner.append(inner_loss(self.links.inner[s], done.hidden[:, :-1], done.embeds[:, 1:],
+                                    real[:, :-1] & real[:, 1:]))
+            thoughts.append(self.links.outer[s](done.thoughts))
+        answers = [ids + [tok.eos_token_id] for ids in token_ids(tok, targets)]
+        embeds, mask, _ = spliced(receiver.model, tok, [receiver_turn(receiver, q) for q in queries],
+                                  torch.cat(thoughts, dim=1), tails=answers)
+        labels = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)
+        for i, ids in enumerate(answers):
+            labels[i, mask.shape[1] - len(ids):] = torch.tensor(ids, device=mask.device)
+        logits = Trace(receiver.model, len(queries)).append_embeds(embeds, mask, full=True).logits
+        return answer_loss(logits, labels) + latent.inner_weight * torch.stack(inner).mean()

@@ -1,0 +1,100 @@
+"""The `kv` channel (DiffMAS; LatentMAS while its LoRA is untrained): a shared KV trace.
+
+The senders, in turn, append to one KV cache: each prefills its own chat turn (role, query, its
+private document), then runs `latent_steps` latent steps, where its last-layer state, rescaled to
+the mean input-embedding norm (and first realigned by LatentMAS's ridge matrix W_a with
+`realign`), is the next input embedding. The receiver reads its own prompt on the trace and
+generates, with its kv LoRA patched in (the trace is built without it).
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+
+from tflow.channels.ledger import Stages, agent_usage
+from tflow.channels.registry import Call, register
+from tflow.encoding import token_ids
+from tflow.errors import ChannelError
+from tflow.generation import generate, kv_cache_bytes
+from tflow.patching import patched
+from tflow.prefix import stamp
+from tflow.reply import Reply, Usage
+from tflow.trace import Trace, last_real
+
+RIDGE = 1e-5  # LatentMAS's regulariser of W_a
+_ALIGNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check(call: Call) -> None:
+    """Raises ChannelError: a sender on another backbone than the receiver's (no shared cache)."""
+    for s, sender in enumerate(call.senders):
+        if sender.model is not call.receiver.model:
+            raise ChannelError(
+                f"the kv channel shares one KV cache, so every sender must run on the receiver's backbone; "
+                f"sender {call.names[s]!r} has its own: drop senders.{s}.model (and receiver.model) from the recipe "
+                "so all agents share `model`, or use the latent channel, whose links map between backbones")
+
+
+@register("kv", check)
+def run(call: Call) -> list[Reply]:
+    receiver, queries = call.receiver, call.queries
+    model, tokenizer = receiver.model, receiver.tokenizer
+    stages = Stages(call.senders, receiver)
+    with stages("senders"), torch.no_grad():
+        trace, prompt_tokens = build_trace(call)
+    trace_bytes = [kv_cache_bytes(model, n) for n in trace.lengths()]
+    lora = receiver.kv_lora
+    with stages("receiver"), (patched(model, lora.delta()) if lora is not None else nullcontext()):
+        out = generate(model, tokenizer, [receiver.prompt(q) for q in queries], call.settings, past=trace,
+                       **call.decode)
+    replies = []
+    for q, text in enumerate(out.texts):
+        ledger = {call.names[s]: agent_usage(sender, prompt_tokens[s][q], 0, call.latent_steps)
+                  for s, sender in enumerate(call.senders)}
+        ledger[receiver.name] = agent_usage(receiver, out.prompt_tokens[q], out.generated_tokens[q])
+        replies.append(Reply(text, "kv", Usage(ledger), message_bytes=trace_bytes[q], **stages.measured,
+                             finish_reason=out.finish_reasons[q]))
+    return replies
+
+
+def build_trace(call: Call) -> tuple[Trace, list[list[int]]]:
+    """The senders' shared trace over every query, and each sender's prompt tokens per query."""
+    model, tokenizer = call.receiver.model, call.receiver.tokenizer
+    trace = Trace(model, len(call.queries))
+    align = aligner(model, call.realign)
+    counts = []
+    for s, sender in enumerate(call.senders):
+        seqs = token_ids(tokenizer, [sender.prompt(q, call.context(s, i)) for i, q in enumerate(call.queries)])
+        counts.append([len(ids) for ids in seqs])
+        h = last_real(trace.append_ids(seqs, tokenizer.pad_token_id).last_hidden_state)
+        for _ in range(call.latent_steps):
+            h = last_real(trace.append_embeds(align(h)[:, None]).last_hidden_state)
+    return trace, counts
+
+
+def aligner(model: nn.Module, realign: bool):
+    """h [N, H] -> the next input embedding [N, H]: `(h W_a) * target / ||h W_a||`, with
+    W_a = (W_out^T W_out + 1e-5 I)^-1 W_out^T W_in when `realign`, else the identity, and target
+    the mean norm of the input embeddings. Kept per model until its weights change."""
+    key = (stamp(model), realign)
+    found = _ALIGNERS.get(model)
+    if found is None or found[0] != key:
+        w_in = model.get_input_embeddings().weight.detach()
+        target = w_in.norm(dim=-1).mean()
+        w_a = None
+        if realign:
+            w_out = model.get_output_embeddings().weight.detach().double()
+            gram = w_out.T @ w_out + RIDGE * torch.eye(w_out.shape[1], dtype=w_out.dtype, device=w_out.device)
+            w_a = torch.linalg.solve(gram, w_out.T @ w_in.double()).to(w_in.dtype)
+        found = _ALIGNERS[model] = (key, w_a, target)
+    _, w_a, target = found
+
+    def align(h: Tensor) -> Tensor:
+        h = h if w_a is None else h @ w_a
+        return h * (target / h.norm(dim=-1, keepdim=True).clamp(min=1e-12))
+
+    return align

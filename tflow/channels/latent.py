@@ -1,0 +1,179 @@
+"""The `latent` channel (RecursiveMAS): latent thoughts through trained links, spliced into a prompt.
+
+Each sender reads its chat turn and rolls out `latent_steps` thoughts: its last-layer state
+through its InnerLink, fed back as the next input embedding. Its OuterLink maps them into the
+receiver's embedding space, where they are spliced into the receiver's user turn at a slot (the
+text around the slot tokenized piece by piece). With `rounds` > 1, the receiver rolls out its own
+thoughts on that prompt, and the feedback OuterLink splices them into the first sender's turn for
+the next round; the other senders' thoughts do not change and are kept. The last round's receiver
+generates. Rows are left-padded embedding sequences with explicit positions (tflow.trace), so a
+query's answer does not depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from tflow.channels.ledger import Stages, agent_usage
+from tflow.channels.links import accepts_embeddings, embed
+from tflow.channels.registry import Call, register
+from tflow.encoding import token_ids
+from tflow.errors import ChannelError
+from tflow.generation import generate_ids
+from tflow.reply import Reply, Usage
+from tflow.trace import Trace, last_real
+
+SLOT = "<|latent thoughts|>"
+
+
+def check(call: Call) -> None:
+    """Raises ChannelError: no links on the receiver, links made for other widths, or an agent
+    whose backbone gives no input embeddings."""
+    links = call.receiver.links
+    if links is None:
+        raise ChannelError("the latent channel needs trained links on the receiver: train them with "
+                           "`tflow train RECIPE train.channel=latent` and load that folder as the checkpoint")
+    agents = [*zip(call.names, call.senders, strict=True), (call.receiver.name, call.receiver)]
+    for name, agent in agents:
+        if not accepts_embeddings(agent.model):
+            raise ChannelError(f"the latent channel feeds thoughts as input embeddings, and {name}'s backbone "
+                               f"({type(agent.model).__name__}) gives none; use the text or weights channel")
+    dims = [s.model.config.hidden_size for s in call.senders]
+    if dims != links.sender_dims or call.receiver.model.config.hidden_size != links.receiver_dim:
+        raise ChannelError(f"the links were made for senders of width {links.sender_dims} and a receiver of "
+                           f"{links.receiver_dim}, this team has {dims} and {call.receiver.model.config.hidden_size}")
+
+
+@register("latent", check)
+def run(call: Call) -> list[Reply]:
+    senders, receiver, links, steps = call.senders, call.receiver, call.receiver.links, call.latent_steps
+    q_count = len(call.queries)
+    stages = Stages(senders, receiver)
+    seen = {name: [[0, 0] for _ in call.queries] for name in [*call.names, receiver.name]}  # [prompt, latent]
+    sent = [0] * q_count  # vector elements that crossed between agents, per query
+    thoughts: list[Tensor | None] = [None] * len(senders)
+    feedback = None
+    with torch.no_grad():
+        for r in range(call.rounds):
+            with stages("senders"):
+                for s, sender in enumerate(senders):
+                    if thoughts[s] is not None and not (s == 0 and feedback is not None):
+                        continue  # unchanged since the last round
+                    texts = [sender_turn(sender, q, call.context(s, i), feedback is not None and s == 0,
+                                         receiver.name) for i, q in enumerate(call.queries)]
+                    done = rollout(sender.model, sender.tokenizer, texts, links.inner[s], steps,
+                                   feedback if s == 0 else None)
+                    thoughts[s] = done.thoughts
+                    _count(seen[call.names[s]], done.counts, steps - 1 if steps else 0)
+            message = torch.cat([links.outer[s](t) for s, t in enumerate(thoughts)], dim=1)
+            changed = message.shape[1] if r == 0 else thoughts[0].shape[1]
+            sent = [n + changed * message.shape[-1] for n in sent]
+            texts = [receiver_turn(receiver, q) for q in call.queries]
+            if r == call.rounds - 1:
+                break
+            with stages("receiver"):
+                own = rollout(receiver.model, receiver.tokenizer, texts, links.receiver_inner, steps, message)
+                _count(seen[receiver.name], own.counts, steps - 1 if steps else 0)
+            feedback = links.feedback(own.thoughts)
+            sent = [n + feedback.shape[1] * feedback.shape[-1] for n in sent]
+        with stages("receiver"):
+            embeds, mask, counts = spliced(receiver.model, receiver.tokenizer, texts, message, keep_last=False)
+            trace = Trace(receiver.model, q_count)
+            trace.append_embeds(embeds, mask)
+            last = [[ids[-1]] for ids in token_ids(receiver.tokenizer, [t.rsplit(SLOT, 1)[1] for t in texts])]
+            out = generate_ids(receiver.model, receiver.tokenizer, last, call.settings, past=trace, **call.decode)
+        _count(seen[receiver.name], counts, 0)
+    itemsize = next(receiver.model.parameters()).dtype.itemsize
+    replies = []
+    for q, text in enumerate(out.texts):
+        ledger = {}
+        for name, agent in [*zip(call.names, senders, strict=True), (receiver.name, receiver)]:
+            prompt, latent = seen[name][q]
+            generated = out.generated_tokens[q] if agent is receiver else 0
+            ledger[name] = agent_usage(agent, prompt, generated, latent)
+        replies.append(Reply(text, "latent", Usage(ledger), message_bytes=sent[q] * itemsize, **stages.measured,
+                             finish_reason=out.finish_reasons[q]))
+    return replies
+
+
+def _count(ledger: list[list[int]], counts: list[tuple[int, int]], steps_fed: int) -> None:
+    """Add one pass's (text tokens, spliced vectors) per query and the latent steps it fed."""
+    for row, (tokens, vectors) in zip(ledger, counts, strict=True):
+        row[0] += tokens
+        row[1] += vectors + steps_fed
+
+
+def sender_turn(sender, query: str, context: str | None, with_feedback: bool, receiver: str) -> str:
+    """A sender's chat text; with feedback, the receiver's thoughts go at a slot after the query."""
+    if not with_feedback:
+        return sender.prompt(query, context)
+    return sender.prompt(f"{query}\n\nLatent thoughts from {receiver}: {SLOT}", context)
+
+
+def receiver_turn(receiver, query: str) -> str:
+    """The receiver's chat text with the senders' thoughts at a slot after the query."""
+    return receiver.prompt(f"{query}\n\nLatent thoughts from your team: {SLOT}")
+
+
+def spliced(model: nn.Module, tokenizer, texts: Sequence[str], vectors: Tensor | None, *, keep_last: bool = True,
+            tails: Sequence[Sequence[int]] | None = None) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
+    """Left-padded input embeddings of `texts`, `vectors` [N, k, H] in place of each text's slot.
+
+    A text without a slot (vectors None) is embedded whole. Without `keep_last`, each row's last
+    token is left out (generation reads it). `tails[i]`, when given, are token ids appended to
+    row i (teacher forcing). Returns embeds [N, W, H], mask [N, W] long and per row (text tokens,
+    spliced vectors); the tails are not counted.
+    """
+    rows, counts = [], []
+    for i, text in enumerate(texts):
+        pieces = text.rsplit(SLOT, 1) if vectors is not None else [text]
+        ids = token_ids(tokenizer, pieces)
+        counts.append((sum(map(len, ids)), vectors.shape[1] if vectors is not None else 0))
+        if not keep_last:
+            ids[-1] = ids[-1][:-1]
+        parts = [embed(model, ids[0])]
+        if vectors is not None:
+            parts += [vectors[i].to(parts[0].dtype), embed(model, ids[1])]
+        if tails is not None:
+            parts.append(embed(model, tails[i]))
+        rows.append(torch.cat(parts))
+    width = max(r.shape[0] for r in rows)
+    embeds = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=embeds.device)
+    for i, r in enumerate(rows):
+        embeds[i, width - r.shape[0]:] = r
+        mask[i, width - r.shape[0]:] = 1
+    return embeds, mask, counts
+
+
+class Rollout(NamedTuple):
+    """thoughts [N, steps, H]; counts as `spliced`'s; the prompt's embeds [N, W, H], mask [N, W] and
+    last-layer states [N, W, H] (what the InnerLinks are trained on)."""
+
+    thoughts: Tensor
+    counts: list[tuple[int, int]]
+    embeds: Tensor
+    mask: Tensor
+    hidden: Tensor
+
+
+def rollout(model: nn.Module, tokenizer, texts: Sequence[str], inner: nn.Module, steps: int,
+            vectors: Tensor | None = None) -> Rollout:
+    """`steps` latent thoughts of `model` after reading `texts` (with `vectors` at their slot):
+    thought t is inner(h_t), and is fed as the next input embedding, the last one excepted
+    (nothing reads its output)."""
+    embeds, mask, counts = spliced(model, tokenizer, texts, vectors)
+    trace = Trace(model, len(texts))
+    prompt = trace.append_embeds(embeds, mask).last_hidden_state
+    h = last_real(prompt)
+    thoughts = []
+    for t in range(steps):
+        thoughts.append(inner(h))
+        if t < steps - 1:
+            h = last_real(trace.append_embeds(thoughts[-1][:, None].to(embeds.dtype)).last_hidden_state)
+    out = torch.stack(thoughts, dim=1) if thoughts else embeds.new_zeros(len(texts), 0, embeds.shape[-1])
+    return Rollout(out, counts, embeds, mask, prompt)

@@ -1,0 +1,85 @@
+"""The latent channel's trainable parts (RecursiveMAS): InnerLinks and OuterLinks.
+
+InnerLink (d -> d): y = LN(x + W2 GELU(W1 LN(x))), a sender's last-layer state -> its next input
+embedding (a latent thought). OuterLink (d_src -> d_tgt): y = LN(W2 GELU(W1 LN(x)) + W_r x), one
+agent's thoughts -> another agent's input-embedding space. The LLMs stay frozen.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class InnerLink(nn.Module):
+    """x [..., d] -> [..., d]."""
+
+    def __init__(self, dim: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or dim
+        self.norm_in, self.up, self.down, self.norm_out = nn.LayerNorm(dim), nn.Linear(dim, hidden), \
+            nn.Linear(hidden, dim), nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm_out(x + self.down(F.gelu(self.up(self.norm_in(x)))))
+
+
+class OuterLink(nn.Module):
+    """x [..., d_src] -> [..., d_tgt]."""
+
+    def __init__(self, d_src: int, d_tgt: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or d_src
+        self.norm_in, self.up, self.down = nn.LayerNorm(d_src), nn.Linear(d_src, hidden), nn.Linear(hidden, d_tgt)
+        self.residual, self.norm_out = nn.Linear(d_src, d_tgt, bias=False), nn.LayerNorm(d_tgt)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm_out(self.down(F.gelu(self.up(self.norm_in(x)))) + self.residual(x))
+
+
+class Links(nn.Module):
+    """Every link of one team: an InnerLink per sender and one for the receiver, an OuterLink per
+    sender into the receiver, and the feedback OuterLink from the receiver to the first sender."""
+
+    def __init__(self, sender_dims: Sequence[int], receiver_dim: int, hidden: int | None = None):
+        super().__init__()
+        self.sender_dims, self.receiver_dim, self.hidden = list(sender_dims), receiver_dim, hidden
+        self.inner = nn.ModuleList([InnerLink(d, hidden) for d in sender_dims])
+        self.receiver_inner = InnerLink(receiver_dim, hidden)
+        self.outer = nn.ModuleList([OuterLink(d, receiver_dim, hidden) for d in sender_dims])
+        self.feedback = OuterLink(receiver_dim, sender_dims[0], hidden)
+
+    @property
+    def config(self) -> dict:
+        """What a checkpoint of it must match."""
+        return {"sender_dims": self.sender_dims, "receiver_dim": self.receiver_dim, "hidden": self.hidden}
+
+
+def inner_loss(link: InnerLink, hidden: Tensor, next_embeds: Tensor, mask: Tensor) -> Tensor:
+    """RecursiveMAS's InnerLink objective on text: (1 - cos) + 0.1 MSE between link(h_t) and the
+    input embedding of token t + 1, averaged over real positions.
+
+    hidden, next_embeds: [N, T, d]; mask: [N, T] bool, True where both are real.
+    """
+    y = link(hidden)[mask]
+    target = next_embeds[mask]
+    return (1 - F.cosine_similarity(y, target, dim=-1)).mean() + 0.1 * F.mse_loss(y, target)
+
+
+def accepts_embeddings(model: nn.Module) -> bool:
+    """Whether `model` gives its input embeddings and takes `inputs_embeds`, as latent thoughts need."""
+    try:
+        table = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    return isinstance(table, nn.Embedding) and "inputs_embeds" in inspect.signature(model.forward).parameters
+
+
+def embed(model: nn.Module, ids: Sequence[int]) -> Tensor:
+    """The input embeddings [len(ids), H] of token ids."""
+    table = model.get_input_embeddings()
+    return table(torch.tensor(list(ids), dtype=torch.long, device=table.weight.device))

@@ -1,0 +1,22 @@
+"""The `none` channel: the receiver answers alone (the single-agent baseline)."""
+
+from __future__ import annotations
+
+from tflow.channels.ledger import Stages, agent_usage
+from tflow.channels.registry import Call, register
+from tflow.generation import generate
+from tflow.reply import Reply, Usage
+
+
+@register("none")
+def run(call: Call) -> list[Reply]:
+    receiver = call.receiver
+    stages = Stages(call.senders, receiver)
+    with stages("receiver"):
+        out = generate(receiver.model, receiver.tokenizer, [receiver.prompt(q) for q in call.queries], call.settings,
+                       **call.decode)
+    return [
+        Reply(text, "none", Usage({receiver.name: agent_usage(receiver, p, g)}), **stages.measured, finish_reason=reason)
+        for text, p, g, reason in zip(out.texts, out.prompt_tokens, out.generated_tokens, out.finish_reasons,
+                                      strict=True)
+    ]

@@ -1,0 +1,44 @@
+"""The `text` channel (TextMAS): senders write messages in turn, the receiver reads them all."""
+
+from __future__ import annotations
+
+from tflow.channels.ledger import Stages, agent_usage, token_id_bytes
+from tflow.channels.registry import Call, register
+from tflow.encoding import token_ids
+from tflow.generation import generate
+from tflow.reply import AgentUsage, Reply, Usage
+
+
+@register("text")
+def run(call: Call) -> list[Reply]:
+    senders, receiver, queries = call.senders, call.receiver, call.queries
+    stages = Stages(senders, receiver)
+    messages: list[dict[str, str]] = [{} for _ in queries]
+    ledgers: list[dict[str, AgentUsage]] = [{} for _ in queries]
+    with stages("senders"):
+        for s, sender in enumerate(senders):
+            prompts = [sender.prompt(text_turn(q, m), call.context(s, i))
+                       for i, (q, m) in enumerate(zip(queries, messages, strict=True))]
+            out = generate(sender.model, sender.tokenizer, prompts, call.settings, max_new_tokens=call.message_tokens)
+            for q, text in enumerate(out.texts):
+                messages[q][call.names[s]] = text
+                ledgers[q][call.names[s]] = agent_usage(sender, out.prompt_tokens[q], out.generated_tokens[q])
+    with stages("receiver"):
+        prompts = [receiver.prompt(text_turn(q, m)) for q, m in zip(queries, messages, strict=True)]
+        out = generate(receiver.model, receiver.tokenizer, prompts, call.settings, **call.decode)
+    replies = []
+    for q, text in enumerate(out.texts):
+        ledgers[q][receiver.name] = agent_usage(receiver, out.prompt_tokens[q], out.generated_tokens[q])
+        sent = sum(len(ids) for ids in token_ids(receiver.tokenizer, list(messages[q].values())))
+        nbytes = sent * token_id_bytes(receiver.tokenizer)
+        replies.append(Reply(text, "text", Usage(ledgers[q]), message_bytes=nbytes, messages=dict(messages[q]),
+                             **stages.measured, finish_reason=out.finish_reasons[q]))
+    return replies
+
+
+def text_turn(query: str, messages: dict[str, str]) -> str:
+    """The user turn of the text channel: the query, then each earlier message under its author."""
+    if not messages:
+        return query
+    notes = "\n".join(f"[{name}]: {text}" for name, text in messages.items())
+    return f"{query}\n\nMessages from your team:\n{notes}"

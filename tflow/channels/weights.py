@@ -1,0 +1,78 @@
+"""The `weights` channel (TFlow): sender states -> generator -> fused delta patched into the receiver.
+
+A query whose delta is not finite or exceeds the generator's `max_delta_norm` is answered
+without it, and its Reply says so.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tflow.channels.ledger import Stages, agent_usage
+from tflow.channels.registry import Call, register
+from tflow.delta import LoRADelta
+from tflow.encoding import encode
+from tflow.errors import ChannelError
+from tflow.generation import generate
+from tflow.patching import patched
+from tflow.reply import Reply, Usage
+
+
+def check(call: Call) -> None:
+    """Raises ChannelError: a receiver without a generator and no `delta` given."""
+    if call.receiver.generator is None and call.delta is None:
+        raise ChannelError("the weights channel needs a generator on the receiver: "
+                           "use tflow.load(recipe, checkpoint=DIR) or Receiver(..., generator=...)")
+
+
+@register("weights", check)
+def run(call: Call) -> list[Reply]:
+    senders, receiver, queries = call.senders, call.receiver, call.queries
+    stages = Stages(senders, receiver)
+    bound = receiver.generator.max_delta_norm if receiver.generator is not None else None
+    states = None
+    if call.delta is None:
+        with stages("senders"):
+            states = encode(senders, queries, call.contexts)
+        with stages("generator"), torch.no_grad():
+            delta, refused = guard_delta(receiver.generator(states), bound)
+    else:  # the guard judges a row shared by all queries once; patching repeats it per query
+        delta, refused = guard_delta(call.delta, bound)
+        refused = refused * (len(queries) // call.delta.batch_size)
+    with stages("receiver"), patched(receiver.model, delta):
+        out = generate(receiver.model, receiver.tokenizer, [receiver.prompt(q) for q in queries], call.settings,
+                       **call.decode)
+    per_row_bytes = delta.num_bytes // delta.batch_size
+    replies = []
+    for q, text in enumerate(out.texts):
+        ledger = {} if states is None else {
+            call.names[s]: agent_usage(sender, int(states.prompt_tokens[s * len(queries) + q]), 0)
+            for s, sender in enumerate(senders)}
+        ledger[receiver.name] = agent_usage(receiver, out.prompt_tokens[q], out.generated_tokens[q])
+        replies.append(Reply(text, "weights", Usage(ledger), message_bytes=per_row_bytes, **stages.measured,
+                             delta_applied=refused[q] is None, warnings=[refused[q]] if refused[q] else [],
+                             finish_reason=out.finish_reasons[q]))
+    return replies
+
+
+def guard_delta(delta: LoRADelta, max_norm: float | None) -> tuple[LoRADelta, list[str | None]]:
+    """`delta` with the rows that must not be applied zeroed, and per row why (None: applied).
+
+    A row is refused when its norm (`LoRADelta.row_norms`) is NaN or inf, or above `max_norm`.
+    """
+    norms = delta.row_norms()
+    reasons: list[str | None] = []
+    for norm in norms.tolist():
+        if not math.isfinite(norm):
+            reasons.append("the generated delta is not finite (NaN or inf); answered without it")
+        elif max_norm is not None and norm > max_norm:
+            reasons.append(f"the generated delta's norm {norm:.4g} exceeds generator.max_delta_norm "
+                           f"{max_norm:g}; answered without it")
+        else:
+            reasons.append(None)
+    refused = [r is not None for r in reasons]
+    if any(refused):
+        delta = delta.zero_rows(torch.tensor(refused, device=norms.device))
+    return delta, reasons

@@ -1,0 +1,68 @@
+"""A batch's growing KV cache with a running 2-D mask: segments of different lengths, appended exactly.
+
+Every appended segment is left-padded, the mask keeps which cache positions are real, and each
+forward gets explicit position ids (`mask.cumsum(-1) - 1`), so a row's numbers are the ones it
+gets alone: padding in the middle of the cache is masked and moves no position. Without the
+explicit positions, pads in the middle of the cache move logits by 0.05-0.1 (transformers 5.23).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from tflow.encoding import pad_batch
+
+
+class Trace:
+    """The cache and mask of `rows` sequences on one model.
+
+    cache: a transformers DynamicCache, keys/values [rows, kv_heads, T, head_dim] per layer;
+    mask: [rows, T] long, 1 on real positions. A forward appends to the cache in place.
+    """
+
+    def __init__(self, model: nn.Module, rows: int):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.cache = DynamicCache(config=model.config)
+        self.mask = torch.zeros(rows, 0, dtype=torch.long, device=self.device)
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    def lengths(self) -> list[int]:
+        """Real positions per row."""
+        return self.mask.sum(-1).tolist()
+
+    def append_ids(self, seqs: Sequence[Sequence[int]], pad_id: int, *, full: bool = False):
+        """Append one token segment per row (left-padded); returns the forward's output.
+
+        Runs the decoder stack only (`last_hidden_state` [rows, W, H], after the final norm)
+        unless `full`, which runs the LM head too (`logits` [rows, W, V]).
+        """
+        ids, mask = pad_batch(seqs, pad_id, "left", self.device)
+        return self._forward(mask.long(), full, input_ids=ids)
+
+    def append_embeds(self, embeds: Tensor, mask: Tensor | None = None, *, full: bool = False):
+        """Append input embeddings [rows, W, H] (left-padded, `mask` [rows, W], None: all real)."""
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+        return self._forward(mask.long(), full, inputs_embeds=embeds)
+
+    def _forward(self, segment: Tensor, full: bool, **inputs):
+        mask = torch.cat([self.mask, segment], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -segment.shape[1]:]
+        net = self.model if full else self.model.base_model
+        out = net(attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True, **inputs)
+        self.mask = mask
+        return out
+
+
+def last_real(hidden: Tensor) -> Tensor:
+    """The state of each row's last position [rows, H] from [rows, W, H]: with left padding, the last
+    column is every row's last real position."""
+    return hidden[:, -1]
