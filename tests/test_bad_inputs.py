@@ -158,7 +158,7 @@ CASES = [
     Case("wrong_type_section", validate("train=5"), recipe("train=5"), RecipeError,
          "train: expected a section (a mapping of keys), got 5"),
     Case("unknown_generator_kind", validate("generator.kind=lstm"), recipe("generator.kind=lstm"), RecipeError,
-         "generator.kind: must be one of param_tokens, mlp, got 'lstm'"),
+         "generator.kind: must be one of param_tokens, mlp, basis, got 'lstm'"),
     Case("zero_rank", validate("generator.rank=0"), recipe("generator.rank=0"), RecipeError,
          "generator.rank: must be > 0, got 0"),
     Case("negative_rank", validate("generator.rank=-2"), recipe("generator.rank=-2"), RecipeError,
