@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from tflow.delta import LoRADelta
+from tflow.delta import FrobeniusNorms, LoRADelta, concat_weights, linear_module
 from tflow.errors import CheckpointError, DeltaError
 from tflow.io import atomic_write_safetensors, read_safetensors
 
 
 @dataclass(frozen=True)
-class BasisDelta:
+class BasisDelta(FrobeniusNorms):
     """Low-rank update `scale * V M_b U` for each named module and each batch row b.
 
     basis: {module_name: (U, V)} with U: [K, in_features] and V: [out_features, K], shared by all
@@ -76,22 +76,10 @@ class BasisDelta:
         """
         modules = dict(model.named_modules())
         for name, (u, v) in self.basis.items():
-            module = modules.get(name)
-            if not isinstance(module, nn.Linear):
-                what = "is not an nn.Linear" if module is not None else "does not exist"
-                raise DeltaError(f"delta module {name!r} {what} in the model")
+            module = linear_module(modules, name)
             if u.shape[1] != module.in_features or v.shape[0] != module.out_features:
                 raise DeltaError(f"{name}: basis U {tuple(u.shape)} / V {tuple(v.shape)} do not fit "
                                  f"Linear(in={module.in_features}, out={module.out_features})")
-
-    def row_norms(self) -> Tensor:
-        """Per-row Frobenius norm of the whole update; [batch] float32, NaN or inf where not finite."""
-        total = sum(self._squared_norms().values())
-        return abs(self.scale) * total.clamp_min(0).sqrt()
-
-    def module_row_norms(self) -> dict[str, Tensor]:
-        """Per-module, per-row ||scale * V M_b U||_F: {module_name: [batch] float32}."""
-        return {name: abs(self.scale) * sq.clamp_min(0).sqrt() for name, sq in self._squared_norms().items()}
 
     def _squared_norms(self) -> dict[str, Tensor]:
         """{module: [batch]} ||V M U||_F^2 = sum((M (U Uᵀ) Mᵀ) * (Vᵀ V)): K x K Gram matrices only."""
@@ -153,13 +141,7 @@ class BasisDelta:
         Raises:
             DeltaError: no deltas, other bases, mismatched batch sizes, or a weight count that differs.
         """
-        if not deltas:
-            raise DeltaError("concat needs at least one delta")
-        weights = [1.0] * len(deltas) if weights is None else list(weights)
-        if len(weights) != len(deltas):
-            raise DeltaError(f"concat got {len(deltas)} deltas but {len(weights)} weights")
-        if len({d.batch_size for d in deltas}) != 1:
-            raise DeltaError(f"concat needs equal batch sizes, got {[d.batch_size for d in deltas]}")
+        weights = concat_weights(deltas, weights)
         first = _one_basis(deltas)
         cores = {}
         for name in first.cores:

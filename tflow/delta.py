@@ -14,8 +14,55 @@ from tflow.errors import CheckpointError, DeltaError
 from tflow.io import atomic_write_safetensors, read_safetensors
 
 
+def linear_module(modules: dict[str, nn.Module], name: str) -> nn.Linear:
+    """The nn.Linear a delta names, from `dict(model.named_modules())`.
+
+    Raises:
+        DeltaError: no such module, or not an nn.Linear (naming a few that are).
+    """
+    module = modules.get(name)
+    if not isinstance(module, nn.Linear):
+        linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+        hint = ", ".join(linears[:4]) + (", ..." if len(linears) > 4 else "")
+        what = "is not an nn.Linear" if module is not None else "does not exist"
+        raise DeltaError(f"delta module {name!r} {what} in the model; linear modules are e.g. {hint}")
+    return module
+
+
+def concat_weights(deltas: Sequence, weights: Sequence[float | Tensor] | None) -> list[float | Tensor]:
+    """The weights of a concat (all 1 when None), after checking there are deltas of one batch size.
+
+    Raises:
+        DeltaError: no deltas, a weight count that differs, or mismatched batch sizes.
+    """
+    if not deltas:
+        raise DeltaError("concat needs at least one delta")
+    weights = [1.0] * len(deltas) if weights is None else list(weights)
+    if len(weights) != len(deltas):
+        raise DeltaError(f"concat got {len(deltas)} deltas but {len(weights)} weights")
+    if len({d.batch_size for d in deltas}) != 1:
+        raise DeltaError(f"concat needs equal batch sizes, got {[d.batch_size for d in deltas]}")
+    return weights
+
+
+class FrobeniusNorms:
+    """Norms of a delta's update from its `_squared_norms()` ({module: [batch] ||ΔW_b||_F²}) and `scale`."""
+
+    def row_norms(self) -> Tensor:
+        """Per-row Frobenius norm of the whole update: sqrt(sum over modules ||ΔW_b||_F^2).
+
+        Returns [batch] float32; NaN or inf where a row's factors are not finite.
+        """
+        total = sum(self._squared_norms().values())
+        return abs(self.scale) * total.clamp_min(0).sqrt()
+
+    def module_row_norms(self) -> dict[str, Tensor]:
+        """Per-module, per-row Frobenius norm ||ΔW_b||_F: {module_name: [batch] float32}."""
+        return {name: abs(self.scale) * sq.clamp_min(0).sqrt() for name, sq in self._squared_norms().items()}
+
+
 @dataclass(frozen=True)
-class LoRADelta:
+class LoRADelta(FrobeniusNorms):
     """Low-rank update `scale * B_b A_b` for each named module and each batch row b.
 
     factors: {module_name: (A, B)} with A: [batch, rank, in_features] and
@@ -73,30 +120,13 @@ class LoRADelta:
         """
         modules = dict(model.named_modules())
         for name, (a, b) in self.factors.items():
-            module = modules.get(name)
-            if not isinstance(module, nn.Linear):
-                linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-                hint = ", ".join(linears[:4]) + (", ..." if len(linears) > 4 else "")
-                what = "is not an nn.Linear" if module is not None else "does not exist"
-                raise DeltaError(f"delta module {name!r} {what} in the model; linear modules are e.g. {hint}")
+            module = linear_module(modules, name)
             if a.shape[2] != module.in_features or b.shape[1] != module.out_features:
                 raise DeltaError(
                     f"{name}: delta A {tuple(a.shape)} / B {tuple(b.shape)} do not fit "
                     f"Linear(in={module.in_features}, out={module.out_features}); "
                     "need A [batch, rank, in] and B [batch, out, rank]"
                 )
-
-    def row_norms(self) -> Tensor:
-        """Per-row Frobenius norm of the whole update: sqrt(sum over modules ||scale * B_b A_b||_F^2).
-
-        Returns [batch] float32; NaN or inf where a row's factors are not finite.
-        """
-        total = sum(self._squared_norms().values())
-        return abs(self.scale) * total.clamp_min(0).sqrt()
-
-    def module_row_norms(self) -> dict[str, Tensor]:
-        """Per-module, per-row Frobenius norm ||scale * B_b A_b||_F: {module_name: [batch] float32}."""
-        return {name: abs(self.scale) * sq.clamp_min(0).sqrt() for name, sq in self._squared_norms().items()}
 
     def _squared_norms(self) -> dict[str, Tensor]:
         """{module: [batch]} ||B_b A_b||_F^2 from r x r Gram matrices, sum((A Aᵀ) * (Bᵀ B)), never forming B A."""
@@ -164,13 +194,7 @@ class LoRADelta:
         Raises:
             DeltaError: no deltas, mismatched batch sizes, or a weight count that differs.
         """
-        if not deltas:
-            raise DeltaError("concat needs at least one delta")
-        weights = [1.0] * len(deltas) if weights is None else list(weights)
-        if len(weights) != len(deltas):
-            raise DeltaError(f"concat got {len(deltas)} deltas but {len(weights)} weights")
-        if len({d.batch_size for d in deltas}) != 1:
-            raise DeltaError(f"concat needs equal batch sizes, got {[d.batch_size for d in deltas]}")
+        weights = concat_weights(deltas, weights)
         scale = deltas[0].scale
         names = list(dict.fromkeys(name for d in deltas for name in d.factors))
         factors = {}
