@@ -37,6 +37,14 @@ def lively(qwen):
     return model
 
 
+def two_senders(model, tok):
+    """A strategist and a knowledge extractor holding a fixed private fact, both on `model`."""
+    from tflow import Sender
+
+    return [Sender(model, tok, "You are a strategist.", name="strategist"),
+            Sender(model, tok, "You extract knowledge.", name="extractor", context="The secret code of Lisbon is 482.")]
+
+
 def random_delta(model, batch, rank=4, scale=0.5, seed=0, targets=None, std=0.2):
     """Random per-row factors for every targeted linear of `model`."""
     from tflow import LoRADelta, ReceiverSpec

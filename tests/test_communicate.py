@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from conftest import hypernet
+from conftest import hypernet, two_senders
 
 import tflow
 from tflow import LoRADelta, Receiver, Sender, communicate
@@ -18,10 +18,7 @@ QUERIES = ["What is the secret code of Lisbon?", "Hi", "one two three four five 
 
 @pytest.fixture
 def team(qwen, tok):
-    senders = [
-        Sender(qwen, tok, "You are a strategist.", name="strategist"),
-        Sender(qwen, tok, "You extract knowledge.", name="extractor", context="The secret code of Lisbon is 482."),
-    ]
+    senders = two_senders(qwen, tok)
     receiver = Receiver(qwen, tok, "You are the executor.", generator=hypernet(qwen, 2), name="executor")
     return senders, receiver
 

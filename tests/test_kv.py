@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import two_senders
 
 from tflow import Receiver, Sender, communicate
 from tflow.channels.kv import aligner, build_trace
@@ -19,10 +20,7 @@ QUERIES = ["What is the secret code of Lisbon?", "Hi", "one two three four five 
 
 @pytest.fixture
 def team(lively, tok):
-    senders = [
-        Sender(lively, tok, "You are a strategist.", name="strategist"),
-        Sender(lively, tok, "You extract knowledge.", name="extractor", context="The secret code of Lisbon is 482."),
-    ]
+    senders = two_senders(lively, tok)
     return senders, Receiver(lively, tok, "You are the executor.", name="executor")
 
 
