@@ -168,12 +168,26 @@ def test_text_channel_receiver_reads_exactly_the_messages(team, tok):
     (dict(max_new_tokens=[4, 4]), QueryError, "got 2 max_new_tokens for 1 queries; give one or one per query"),
     (dict(max_new_tokens=[0]), QueryError, "max_new_tokens must be > 0, got 0"),
     (dict(query="code " * 600), QueryError, "exceeds the model's context of 512"),
+    (dict(contexts={"nobody": "a document"}), QueryError, r"contexts name \['nobody'\], not a sender of this team"),
+    (dict(query=["Hi", "Yo"], contexts={"strategist": "doc"}), QueryError, "got a mapping for 2 queries"),
+    (dict(contexts=["a document"]), QueryError, "a context must map a sender name to a document, got str"),
 ])
 def test_bad_calls_raise_typed_errors(team, kwargs, error, match):
     senders, receiver = team
     query = kwargs.pop("query", "Hi")
     with pytest.raises(error, match=match):
         communicate(senders, receiver, query, **kwargs)
+
+
+def test_a_single_query_takes_a_lone_context_mapping(team):
+    senders, receiver = team
+    name = senders[0].name
+    lone = communicate(senders, receiver, "Hi", channel="text", max_new_tokens=4, message_tokens=4,
+                       contexts={name: "The code of Lisbon is 7."})
+    listed = communicate(senders, receiver, "Hi", channel="text", max_new_tokens=4, message_tokens=4,
+                         contexts=[{name: "The code of Lisbon is 7."}])
+    plain = communicate(senders, receiver, "Hi", channel="text", max_new_tokens=4, message_tokens=4)
+    assert lone.usage == listed.usage != plain.usage
 
 
 def test_weights_channel_without_generator_is_an_error(team):

@@ -34,8 +34,8 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
     (RecursiveMAS: latent thoughts spliced into the receiver's prompt).
 
     `max_new_tokens` is the receiver's budget, one for all queries or one per query.
-    `contexts`, one mapping per query, gives a sender (by name) a private document for that
-    query in place of its own `context`. `stream` (tflow.generation.RowStream) sees the
+    `contexts`, one mapping per query (or one mapping with a single query), gives a sender (by
+    name) a private document for that query in place of its own `context`. `stream` (tflow.generation.RowStream) sees the
     receiver's tokens of every query as they are decoded, and may stop single queries.
     `delta` (weights channel only), one row per query or one row for all, is applied in place of
     the generated one: neither the senders nor the generator run, and the ledger holds the
@@ -79,9 +79,8 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
     budgets = _budgets(max_new_tokens, len(queries))
     settings = GenerationSettings(max(budgets), do_sample, temperature, top_p, num_beams)
     names = sender_names(senders, receiver)
-    if contexts is not None and len(contexts) != len(queries):
-        raise QueryError(f"got {len(contexts)} contexts for {len(queries)} queries; give one mapping per query")
-    per_sender = [[(c or {}).get(name) for c in contexts] for name in names] if contexts is not None else None
+    contexts = _contexts(contexts, queries, names, isinstance(query, str))
+    per_sender = [[c.get(name) for c in contexts] for name in names] if contexts is not None else None
     call = Call(senders, receiver, queries, settings, names, per_sender,
                 {"budgets": budgets if len(set(budgets)) > 1 else None, "stream": stream},
                 message_tokens, delta, latent_steps, rounds, realign)
@@ -91,6 +90,29 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
     with _exclusive([s.model for s in senders] + [receiver.model]):
         replies = run(call)
     return replies[0] if isinstance(query, str) else replies
+
+
+def _contexts(contexts, queries: list[str], names: list[str], single: bool) -> list[Mapping[str, str]] | None:
+    """One {sender name: document} mapping per query; a lone mapping goes with a single query.
+
+    Raises:
+        QueryError: not one mapping per query, or a mapping naming no sender of the team.
+    """
+    if contexts is None:
+        return None
+    if single and isinstance(contexts, Mapping):
+        contexts = [contexts]
+    if isinstance(contexts, (str, Mapping)) or len(contexts) != len(queries):
+        got = "a mapping" if isinstance(contexts, Mapping) else f"{len(contexts)} contexts"
+        raise QueryError(f"got {got} for {len(queries)} queries; give one mapping per query")
+    contexts = [c or {} for c in contexts]
+    for c in contexts:
+        if not isinstance(c, Mapping):
+            raise QueryError(f"a context must map a sender name to a document, got {type(c).__name__}")
+        unknown = sorted(set(c) - set(names))
+        if unknown:
+            raise QueryError(f"contexts name {unknown}, not a sender of this team; its senders are: {', '.join(names)}")
+    return contexts
 
 
 def _budgets(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
