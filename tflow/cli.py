@@ -203,7 +203,7 @@ def eval_(
     split: Annotated[str, typer.Option(help="Dataset split (relay always uses its held-out test split).")] = "test",
     batch_size: Annotated[int, typer.Option(min=1, help="Queries per batched call.")] = 8,
     ablations: Annotated[str | None, typer.Option(
-        help="Comma-separated ablations of the weights channel: shuffled, static, drop-sender, scale.")] = None,
+        help="Comma-separated ablations: shuffled, static, drop-sender (weights, kv, latent), scale (weights).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Compare channels on a task under one cost ledger and write a report to --out.

@@ -10,9 +10,9 @@ information: a generator can learn one static delta that helps every query. Two 
   kind, every query's norm beside the guard's `max_delta_norm`, and the cosine similarity
   between different queries' deltas (near 1: the generator ignores the query).
 
-`tflow eval --ablations` and `tflow.evaluate.evaluate(..., ablations=...)` run both. Only the
-weights channel has a trained part today; the kv and latent channels are not built yet. They
-plug in through `ABLATABLE`, with their own messages (traces, latents) in place of deltas.
+`tflow eval --ablations` and `tflow.evaluate.evaluate(..., ablations=...)` run both. The kv and
+latent channels plug in through `ABLATABLE` too, with their own messages (traces, thoughts) in
+place of deltas (`tflow.message_ablations`): shuffled, static and drop-sender, no diagnostics.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tflow import message_ablations as ma
 from tflow.agents import Receiver, Sender
 from tflow.basis import BasisDelta
 from tflow.channels import guard_delta, sender_names
@@ -174,6 +175,11 @@ def parse_ablations(spec: str | Sequence[str] | None, channels: Sequence[str], s
         untrained = ", ".join(channels)
         raise AblationError(f"channel(s) {untrained} have no trained part to ablate; ablations run on: "
                             f"{', '.join(ABLATABLE)} (add it to the channels)")
+    runnable = {n for c in channels if c in ABLATABLE for n in ABLATABLE[c].names}
+    alone = [n for n in names if n not in runnable]
+    if alone:
+        raise AblationError(f"ablation(s) {', '.join(alone)} run on none of the channels {', '.join(channels)}; "
+                            f"scale runs on the weights channel only")
     return names
 
 
@@ -288,21 +294,31 @@ def _quantiles(values: Tensor) -> dict[str, float]:
 class Ablatable:
     """How the checks reach one channel with a trained part.
 
-    collect(senders, receiver, queries, contexts, batch_size) -> that channel's messages for every
-    query; summarize(messages, receiver) -> its diagnostics; ablate(messages, names) -> {row:
-    messages}, each a row per query or one row for all; part(messages, rows: slice) -> the
-    messages of those queries, which `tflow.communicate` takes as its argument `keyword`.
+    collect(senders, receiver, queries, contexts, batch_size, ablations, **channel settings) ->
+    that channel's messages for every query; summarize(messages, receiver) -> its diagnostics (or
+    None); ablate(messages, names) -> {row: messages}, each a row per query or one row for all;
+    part(messages, rows: slice) -> the messages of those queries, which `tflow.communicate` takes
+    as its argument `keyword`; `names`: the ablations it runs.
     """
 
     collect: Callable
-    summarize: Callable
+    summarize: Callable | None
     ablate: Callable
     part: Callable
     keyword: str
+    names: tuple[str, ...] = ABLATIONS
 
 
 def _delta_part(delta: Delta, rows: slice) -> Delta:
     return delta if delta.batch_size == 1 else delta.select(rows)
 
 
-ABLATABLE: dict[str, Ablatable] = {"weights": Ablatable(sender_deltas, summarize, ablate, _delta_part, "delta")}
+def _weights_collect(senders, receiver, queries, contexts, batch_size, ablations=(), **settings) -> SenderDeltas:
+    return sender_deltas(senders, receiver, queries, contexts, batch_size)
+
+
+ABLATABLE: dict[str, Ablatable] = {
+    "weights": Ablatable(_weights_collect, summarize, ablate, _delta_part, "delta"),
+    "kv": Ablatable(ma.kv_messages, None, ma.ablate_kv, ma.part, "message", ma.LATENT_ABLATIONS),
+    "latent": Ablatable(ma.latent_messages, None, ma.ablate_latent, ma.part, "message", ma.LATENT_ABLATIONS),
+}

@@ -12,7 +12,7 @@ from tflow.diagnostics import ABLATABLE, derangement, parse_ablations
 from tflow.errors import AblationError, ChannelError, DataError, QueryError
 from tflow.reply import Reply
 from tflow.tasks import Example, Task
-from tflow.team import Team
+from tflow.team import Team, channel_settings
 
 STAGES = ("senders", "generator", "receiver")
 
@@ -169,11 +169,15 @@ def evaluate(team: Team, task: Task, examples: Sequence[Example], channels: str 
         for channel in (c for c in names if c in ABLATABLE):
             checks = ABLATABLE[channel]
             sample = examples if chosen else examples[:DIAGNOSTIC_QUERIES]
+            if checks.summarize is None and not chosen:
+                continue
             messages = checks.collect(team.senders, team.receiver, [task.prompt(ex) for ex in sample],
-                                      [ex.contexts for ex in sample], batch_size)
-            result.diagnostics[channel] = checks.summarize(messages, team.receiver)
+                                      [ex.contexts for ex in sample], batch_size, chosen,
+                                      **channel_settings(team.recipe, channel))
+            if checks.summarize is not None:
+                result.diagnostics[channel] = checks.summarize(messages, team.receiver)
             if chosen:
-                rows = checks.ablate(messages, chosen)
+                rows = checks.ablate(messages, [n for n in chosen if n in checks.names])
                 result.ablations[channel] = {row: _run(team, task, examples, channel, batch_size, bar, (row, m))
                                              for row, m in rows.items()}
                 _score_donors(result.ablations[channel].get("shuffled"), task, examples)

@@ -238,7 +238,7 @@ def _ablation_panel(ax, report: dict) -> None:
     bars = {}
     for channel, rows in report.get("ablations", {}).items():
         bars[channel] = report["channels"][channel]["accuracy"]
-        bars.update({row: c["accuracy"] for row, c in rows.items()})
+        bars.update({f"{channel}/{row}": c["accuracy"] for row, c in rows.items()})
     if not bars:
         ax.text(0.5, 0.5, "no ablations run\n(tflow eval --ablations ...)", ha="center", va="center")
         ax.set_axis_off()

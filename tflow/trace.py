@@ -38,6 +38,32 @@ class Trace:
         """Real positions per row."""
         return self.mask.sum(-1).tolist()
 
+    def rows_kv(self) -> list[list[tuple[Tensor, Tensor]]]:
+        """Each row's real positions, detached on the CPU: per row, per layer (keys, values)
+        [kv_heads, positions, head_dim] (a message another call can replay, `from_rows`)."""
+        layers = [(layer.keys.detach().cpu(), layer.values.detach().cpu()) for layer in self.cache.layers]
+        real = self.mask.bool().cpu()
+        return [[(k[r][:, real[r]], v[r][:, real[r]]) for k, v in layers] for r in range(self.rows)]
+
+    @classmethod
+    def from_rows(cls, model: nn.Module, rows: Sequence[Sequence[tuple[Tensor, Tensor]]]) -> Trace:
+        """A trace holding `rows` (as `rows_kv` gives them), each left-padded to the longest."""
+        trace = cls(model, len(rows))
+        width = max(row[0][0].shape[1] for row in rows)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        layers = []
+        for layer in range(len(rows[0])):
+            keys = rows[0][layer][0].new_zeros(len(rows), rows[0][layer][0].shape[0], width, rows[0][layer][0].shape[2])
+            values = torch.zeros_like(keys)
+            for r, row in enumerate(rows):
+                k, v = row[layer]
+                keys[r, :, width - k.shape[1]:], values[r, :, width - k.shape[1]:] = k, v
+                mask[r, width - k.shape[1]:] = 1
+            layers.append((keys.to(trace.device), values.to(trace.device)))
+        trace.cache = DynamicCache(ddp_cache_data=layers, config=model.config)
+        trace.mask = mask.to(trace.device)
+        return trace
+
     def append_ids(self, seqs: Sequence[Sequence[int]], pad_id: int, *, full: bool = False):
         """Append one token segment per row (left-padded); returns the forward's output.
 

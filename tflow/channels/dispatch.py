@@ -25,7 +25,7 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
                 temperature: float = 1.0, top_p: float = 1.0, num_beams: int = 1,
                 message_tokens: int = 256,
                 contexts: Sequence[Mapping[str, str]] | None = None,
-                stream: RowStream | None = None, delta: LoRADelta | None = None,
+                stream: RowStream | None = None, delta: LoRADelta | None = None, message=None,
                 latent_steps: int = 10, rounds: int = 1, realign: bool = False) -> Reply | list[Reply]:
     """Answer `query` (a str -> Reply; a list -> list of Replies, run as one batch) over `channel`.
 
@@ -39,7 +39,10 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
     receiver's tokens of every query as they are decoded, and may stop single queries.
     `delta` (weights channel only), one row per query or one row for all, is applied in place of
     the generated one: neither the senders nor the generator run, and the ledger holds the
-    receiver alone (ablations, a delta made earlier).
+    receiver alone (ablations, a delta made earlier). `message` does the same for kv (a trace:
+    per query, per layer (keys, values) [kv_heads, positions, head_dim], as
+    `tflow.trace.Trace.rows_kv` gives them) and latent (the thoughts as the receiver splices them,
+    [queries, vectors, hidden]), one per query.
     `latent_steps` (kv, latent) is how many latent steps each sender runs after its turn;
     `realign` (kv) maps each last-layer state into the input-embedding space with LatentMAS's
     ridge matrix before its norm is rescaled; `rounds` (latent) is the recursion rounds.
@@ -61,6 +64,9 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
         raise ChannelError(f"unknown channel {channel!r}; choose one of: {', '.join(available())}")
     if delta is not None and channel != "weights":
         raise ChannelError(f"a delta is the weights channel's message; the {channel} channel takes none")
+    if message is not None and channel not in LATENT_CHANNELS:
+        raise ChannelError(f"message is a kv trace or latent thoughts; the {channel} channel takes none"
+                           + (" (give a delta)" if channel == "weights" else ""))
     if channel != "none" and not senders:
         raise ChannelError(f"the {channel} channel needs at least one sender")
     queries = [query] if isinstance(query, str) else list(query)
@@ -76,6 +82,8 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
         raise QueryError(f"rounds must be an integer >= 1, got {rounds!r}")
     if channel in LATENT_CHANNELS and num_beams > 1:
         raise QueryError(f"the {channel} channel decodes on a prefilled cache and needs num_beams 1, got {num_beams}")
+    if message is not None and len(message) != len(queries):
+        raise QueryError(f"the message has {len(message)} rows for {len(queries)} queries; give one per query")
     budgets = _budgets(max_new_tokens, len(queries))
     settings = GenerationSettings(max(budgets), do_sample, temperature, top_p, num_beams)
     names = sender_names(senders, receiver)
@@ -83,7 +91,7 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
     per_sender = [[c.get(name) for c in contexts] for name in names] if contexts is not None else None
     call = Call(senders, receiver, queries, settings, names, per_sender,
                 {"budgets": budgets if len(set(budgets)) > 1 else None, "stream": stream},
-                message_tokens, delta, latent_steps, rounds, realign)
+                message_tokens, delta, message, latent_steps, rounds, realign)
     run, check = runner(channel)
     if check is not None:
         check(call)

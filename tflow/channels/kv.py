@@ -44,8 +44,11 @@ def run(call: Call) -> list[Reply]:
     receiver, queries = call.receiver, call.queries
     model, tokenizer = receiver.model, receiver.tokenizer
     stages = Stages(call.senders, receiver)
-    with stages("senders"), torch.no_grad():
-        trace, prompt_tokens = build_trace(call)
+    if call.message is None:
+        with stages("senders"), torch.no_grad():
+            trace, prompt_tokens = build_trace(call)
+    else:  # a trace made earlier (ablations): the senders do not run
+        trace, prompt_tokens = Trace.from_rows(model, call.message), None
     trace_bytes = [kv_cache_bytes(model, n) for n in trace.lengths()]
     lora = receiver.kv_lora
     with stages("receiver"), (patched(model, lora.delta()) if lora is not None else nullcontext()):
@@ -53,8 +56,9 @@ def run(call: Call) -> list[Reply]:
                        **call.decode)
     replies = []
     for q, text in enumerate(out.texts):
-        ledger = {call.names[s]: agent_usage(sender, prompt_tokens[s][q], 0, call.latent_steps)
-                  for s, sender in enumerate(call.senders)}
+        ledger = {} if prompt_tokens is None else {
+            call.names[s]: agent_usage(sender, prompt_tokens[s][q], 0, call.latent_steps)
+            for s, sender in enumerate(call.senders)}
         ledger[receiver.name] = agent_usage(receiver, out.prompt_tokens[q], out.generated_tokens[q])
         replies.append(Reply(text, "kv", Usage(ledger), message_bytes=trace_bytes[q], **stages.measured,
                              finish_reason=out.finish_reasons[q]))

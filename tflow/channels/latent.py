@@ -50,36 +50,17 @@ def check(call: Call) -> None:
 
 @register("latent", check)
 def run(call: Call) -> list[Reply]:
-    senders, receiver, links, steps = call.senders, call.receiver, call.receiver.links, call.latent_steps
+    senders, receiver = call.senders, call.receiver
     q_count = len(call.queries)
     stages = Stages(senders, receiver)
     seen = {name: [[0, 0] for _ in call.queries] for name in [*call.names, receiver.name]}  # [prompt, latent]
-    sent = [0] * q_count  # vector elements that crossed between agents, per query
-    thoughts: list[Tensor | None] = [None] * len(senders)
-    feedback = None
     with torch.no_grad():
-        for r in range(call.rounds):
-            with stages("senders"):
-                for s, sender in enumerate(senders):
-                    if thoughts[s] is not None and not (s == 0 and feedback is not None):
-                        continue  # unchanged since the last round
-                    texts = [sender_turn(sender, q, call.context(s, i), feedback is not None and s == 0,
-                                         receiver.name) for i, q in enumerate(call.queries)]
-                    done = rollout(sender.model, sender.tokenizer, texts, links.inner[s], steps,
-                                   feedback if s == 0 else None)
-                    thoughts[s] = done.thoughts
-                    _count(seen[call.names[s]], done.counts, steps - 1 if steps else 0)
-            message = torch.cat([links.outer[s](t) for s, t in enumerate(thoughts)], dim=1)
-            changed = message.shape[1] if r == 0 else thoughts[0].shape[1]
-            sent = [n + changed * message.shape[-1] for n in sent]
-            texts = [receiver_turn(receiver, q) for q in call.queries]
-            if r == call.rounds - 1:
-                break
-            with stages("receiver"):
-                own = rollout(receiver.model, receiver.tokenizer, texts, links.receiver_inner, steps, message)
-                _count(seen[receiver.name], own.counts, steps - 1 if steps else 0)
-            feedback = links.feedback(own.thoughts)
-            sent = [n + feedback.shape[1] * feedback.shape[-1] for n in sent]
+        if call.message is None:
+            message, sent = converse(call, stages, seen)
+        else:  # thoughts made earlier (ablations): the senders do not run
+            message = call.message.to(next(receiver.model.parameters()).device)
+            sent = [message.shape[1] * message.shape[-1]] * q_count
+        texts = [receiver_turn(receiver, q) for q in call.queries]
         with stages("receiver"):
             embeds, mask, counts = spliced(receiver.model, receiver.tokenizer, texts, message, keep_last=False)
             trace = Trace(receiver.model, q_count)
@@ -88,16 +69,50 @@ def run(call: Call) -> list[Reply]:
             out = generate_ids(receiver.model, receiver.tokenizer, last, call.settings, past=trace, **call.decode)
         _count(seen[receiver.name], counts, 0)
     itemsize = next(receiver.model.parameters()).dtype.itemsize
+    agents = [(receiver.name, receiver)] if call.message is not None else \
+        [*zip(call.names, senders, strict=True), (receiver.name, receiver)]
     replies = []
     for q, text in enumerate(out.texts):
         ledger = {}
-        for name, agent in [*zip(call.names, senders, strict=True), (receiver.name, receiver)]:
+        for name, agent in agents:
             prompt, latent = seen[name][q]
             generated = out.generated_tokens[q] if agent is receiver else 0
             ledger[name] = agent_usage(agent, prompt, generated, latent)
         replies.append(Reply(text, "latent", Usage(ledger), message_bytes=sent[q] * itemsize, **stages.measured,
                              finish_reason=out.finish_reasons[q]))
     return replies
+
+
+def converse(call: Call, stages: Stages, seen: dict[str, list[list[int]]]) -> tuple[Tensor, list[int]]:
+    """The senders' thoughts over `call.rounds` rounds, as the receiver splices them: message
+    [queries, senders x latent_steps, receiver hidden] (sender s's block at s x latent_steps), and
+    the vector elements that crossed between agents per query. Counts each pass into `seen`."""
+    senders, receiver, links, steps = call.senders, call.receiver, call.receiver.links, call.latent_steps
+    sent = [0] * len(call.queries)
+    thoughts: list[Tensor | None] = [None] * len(senders)
+    feedback = message = None
+    for r in range(call.rounds):
+        if r:  # the receiver's own thoughts on the last message go back to the first sender
+            with stages("receiver"):
+                texts = [receiver_turn(receiver, q) for q in call.queries]
+                own = rollout(receiver.model, receiver.tokenizer, texts, links.receiver_inner, steps, message)
+                _count(seen[receiver.name], own.counts, steps - 1 if steps else 0)
+            feedback = links.feedback(own.thoughts)
+            sent = [n + feedback.shape[1] * feedback.shape[-1] for n in sent]
+        with stages("senders"):
+            for s, sender in enumerate(senders):
+                if thoughts[s] is not None and not (s == 0 and feedback is not None):
+                    continue  # unchanged since the last round
+                texts = [sender_turn(sender, q, call.context(s, i), feedback is not None and s == 0,
+                                     receiver.name) for i, q in enumerate(call.queries)]
+                done = rollout(sender.model, sender.tokenizer, texts, links.inner[s], steps,
+                               feedback if s == 0 else None)
+                thoughts[s] = done.thoughts
+                _count(seen[call.names[s]], done.counts, steps - 1 if steps else 0)
+        message = torch.cat([links.outer[s](t) for s, t in enumerate(thoughts)], dim=1)
+        changed = message.shape[1] if r == 0 else thoughts[0].shape[1]
+        sent = [n + changed * message.shape[-1] for n in sent]
+    return message, sent
 
 
 def _count(ledger: list[list[int]], counts: list[tuple[int, int]], steps_fed: int) -> None:

@@ -16,7 +16,8 @@ class Call:
     """One checked `communicate` call, as every channel receives it.
 
     `contexts[s][q]` is sender s's private document for query q (None: its own), or None for
-    none at all; `decode` holds the receiver's per-row `budgets` and `stream`.
+    none at all; `decode` holds the receiver's per-row `budgets` and `stream`; `message` (kv,
+    latent) is a message made earlier, a row per query, in place of the senders' own.
     """
 
     senders: Sequence[Sender]
@@ -28,6 +29,7 @@ class Call:
     decode: Mapping = field(default_factory=dict)
     message_tokens: int = 256
     delta: LoRADelta | None = None
+    message: object | None = None
     latent_steps: int = 10
     rounds: int = 1
     realign: bool = False
