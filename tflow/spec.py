@@ -112,7 +112,7 @@ class ReceiverSpec:
         if missing:
             where = f"this {family.name} model ({arch}" if family else f"this model ({arch}"
             elsewhere = [f"{t} is a {' / '.join(f.name for f in FAMILIES.values() if t in f.linears)} kind"
-                         for t in missing if any(t in f.linears for f in FAMILIES.values())]
+                         for t in missing if family and any(t in f.linears for f in FAMILIES.values())]
             raise TargetError(
                 f"target modules {missing} do not exist in {'; '.join([where, *elsewhere])}); "
                 "its linear modules are: " + ", ".join(available)
