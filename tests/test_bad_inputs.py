@@ -179,7 +179,8 @@ CASES = [
          RecipeError, "recipe file not found: {tmp}/nowhere.yaml"),
     Case("unknown_target_module", ask("hi", "--channel", "none", "--set", "generator.targets=[qkv_proj]"),
          load("generator.targets=[qkv_proj]"), TargetError,
-         "target modules ['qkv_proj'] do not exist in this model; its linear modules are: q_proj"),
+         "target modules ['qkv_proj'] do not exist in this Qwen3 model (Qwen3ForCausalLM; qkv_proj is a Phi-3 "
+         "kind); its linear modules are: q_proj"),
     Case("layer_out_of_range", ask("hi", "--channel", "none", "--set", "generator.layers=[4]"),
          load("generator.layers=[4]"), TargetError, "layers [4] not in the model's 0..0"),
     Case("model_folder_missing", ask("hi", "--channel", "none", "--set", "model.path={tmp}/nowhere",

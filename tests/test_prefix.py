@@ -39,7 +39,7 @@ def _senders(model, tok):
             Sender(model, tok, ROLES[2], name="c")]
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama", "mistral"])
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "mistral", "gemma2", "gemma3", "phi3", "olmo2"])
 def test_reused_prefixes_give_the_states_of_a_full_prefill(tok, arch):
     model = tiny.model(tok, arch=arch, hidden_size=64, num_layers=2, seed=2)
     senders = _senders(model, tok)

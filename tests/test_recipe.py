@@ -7,7 +7,7 @@ from pydantic import BaseModel
 
 from tflow.errors import RecipeError
 from tflow.overrides import apply_overrides
-from tflow.recipe import DEFAULT_TARGETS, Recipe, load_recipe, reference_markdown
+from tflow.recipe import Recipe, load_recipe, reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"model": {"path": "Qwen/Qwen3-4B"}, "senders": [{"name": "strategist", "role": "Plan."}]}
@@ -29,17 +29,11 @@ def test_minimal_recipe_fills_defaults():
     assert recipe.senders[0].context is None and recipe.senders[0].model is None
     assert recipe.receiver.name == "executor"
     assert recipe.generator.kind == "param_tokens" and recipe.generator.rank == 4
-    assert recipe.generator.targets == list(DEFAULT_TARGETS) and recipe.generator.layers is None
+    assert recipe.generator.targets is None and recipe.generator.layers is None
     assert recipe.fusion.gate_init == 1.0 and recipe.data is None
     assert recipe.train.max_steps == 200 and recipe.train.lr == 1e-3 and recipe.train.devices == "auto"
     assert recipe.generate.max_new_tokens == 64 and recipe.generate.message_tokens == 256
     assert recipe.seed == 0
-
-
-def test_default_targets_match_spec():
-    from tflow.spec import ALL_TARGETS
-
-    assert DEFAULT_TARGETS == ALL_TARGETS
 
 
 def test_every_problem_is_reported_at_once_with_its_key_path():

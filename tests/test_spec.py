@@ -1,6 +1,6 @@
 import pytest
 
-from tflow import ReceiverSpec
+from tflow import ReceiverSpec, tiny
 from tflow.errors import TargetError
 
 
@@ -19,15 +19,15 @@ def test_spec_finds_all_seven_linear_types_per_layer(request, fixture):
     assert (k.in_features, k.out_features) == (64, 32)  # 2 kv heads of 16
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama", "mistral"])
+@pytest.mark.parametrize("arch", list(tiny.ARCHS))
 def test_spec_covers_every_supported_layout(tok, arch):
-    from tflow import tiny
-
     model = tiny.model(tok, arch=arch, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1)
     spec = ReceiverSpec.from_model(model)
     assert spec.architecture.lower().startswith(arch)
-    assert [m.kind for m in spec.modules[:7]] == list(spec.targets)
-    assert len(spec.modules) == 14 and {m.layer for m in spec.modules} == {0, 1}
+    kinds = len(spec.targets)
+    assert kinds == (4 if arch == "phi3" else 7)  # Phi-3 fuses q/k/v and gate/up
+    assert [m.kind for m in spec.modules[:kinds]] == list(spec.targets)
+    assert len(spec.modules) == 2 * kinds and {m.layer for m in spec.modules} == {0, 1}
 
 
 def test_spec_subset_and_fingerprint(qwen, llama):

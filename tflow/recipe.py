@@ -25,9 +25,6 @@ from tflow import gguf_models, tasks
 from tflow.errors import ModelLoadError, RecipeError
 from tflow.overrides import collect_overrides, load_yaml
 
-# Same seven names as tflow.spec.ALL_TARGETS (a test keeps them equal); not imported from there
-# because tflow.spec needs torch and validating a recipe must not.
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 
 
@@ -161,8 +158,12 @@ class GeneratorSection(_Section):
     basis size K (senders' cores add, so the fused delta has rank K). null: 4, or 16 for `basis`."""
     alpha: float = Field(8.0, gt=0)
     """LoRA alpha; deltas are scaled by alpha / rank."""
-    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
-    """Linear module kinds of the receiver to patch in each targeted layer."""
+    targets: list[str] | None = Field(None, min_length=1)
+    """Linear module kinds of the receiver to patch in each targeted layer; null: every linear kind
+    of the receiver's family (q/k/v/o/gate/up/down_proj; Phi-3's fused qkv_proj, o_proj,
+    gate_up_proj, down_proj). On Phi-3 a part name targets its whole fused module (q_proj, k_proj,
+    v_proj: qkv_proj; gate_proj, up_proj: gate_up_proj). Name them by hand for a model of another
+    layout."""
     layers: list[int] | None = None
     """Decoder layer indices to patch; null patches every layer."""
     d_model: int = Field(256, gt=0)
@@ -228,8 +229,9 @@ class KVSection(_Section):
     """Rank of the receiver's LoRA (trained by `tflow train RECIPE train.channel=kv`)."""
     alpha: float = Field(16.0, gt=0)
     """LoRA alpha; the update is scaled by alpha / rank."""
-    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
-    """Linear module kinds of the receiver the LoRA adapts in each layer."""
+    targets: list[str] | None = Field(None, min_length=1)
+    """Linear module kinds of the receiver the LoRA adapts in each layer; null: every linear kind
+    of the receiver's family, as for `generator.targets`."""
     layers: list[int] | None = None
     """Decoder layer indices the LoRA adapts; null: every layer."""
 

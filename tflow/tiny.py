@@ -1,4 +1,4 @@
-"""Tiny Qwen3/Llama-architecture models and a locally trained tokenizer: no hub, no downloads.
+"""Tiny models of every supported receiver family and a locally trained tokenizer: no hub, no downloads.
 
 Tests, the demo and the benchmarks build their agents here. `build(path)` saves both with
 `save_pretrained`, so the folder loads through the same `from_pretrained` path real weights take.
@@ -61,18 +61,31 @@ def tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512):
     )
 
 
+# arch -> (transformers config class, causal LM class)
+ARCHS = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+}
+
+
 def config(vocab_size: int, *, arch: str = "qwen3", hidden_size: int = 64, num_layers: int = 2,
            num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None,
            head_dim: int | None = None, max_positions: int = 512, pad_token_id: int = 0,
            eos_token_id: int = 2):
-    """A transformers config of the given size; `arch` is `qwen3`, `qwen2`, `llama` or `mistral`.
+    """A transformers config of the given size; `arch` is one of `ARCHS` (`gemma3`: text only).
 
     head_dim defaults to hidden_size // num_heads; Qwen3-4B sets it apart (32 heads of 128 on 2560).
     """
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    import transformers
 
-    cls = {"qwen3": Qwen3Config, "qwen2": Qwen2Config, "llama": LlamaConfig, "mistral": MistralConfig}[arch]
-    return cls(
+    config_class, lm_class = ARCHS[arch]
+    return getattr(transformers, config_class)(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or 2 * hidden_size,
@@ -85,7 +98,7 @@ def config(vocab_size: int, *, arch: str = "qwen3", hidden_size: int = 64, num_l
         pad_token_id=pad_token_id,
         eos_token_id=eos_token_id,
         bos_token_id=None,
-        architectures=[f"{cls.__name__.removesuffix('Config')}ForCausalLM"],
+        architectures=[lm_class],
     )
 
 
