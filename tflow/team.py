@@ -115,5 +115,5 @@ def build_links(recipe, senders: Sequence[Sender], receiver: Receiver) -> Links:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         links = Links([s.model.config.hidden_size for s in senders], receiver.model.config.hidden_size,
-                      recipe.latent.hidden)
+                      recipe.latent.hidden).match_embeddings([s.model for s in senders], receiver.model)
     return links.to(next(receiver.model.parameters()).device)

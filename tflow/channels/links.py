@@ -29,13 +29,23 @@ class InnerLink(nn.Module):
 
 
 class OuterLink(nn.Module):
-    """x [..., d_src] -> [..., d_tgt]."""
+    """x [..., d_src] -> [..., d_tgt].
+
+    Between spaces of one width it starts as the identity up to the output norm (W_r = I, the
+    MLP's down projection zero): agents on one backbone share one embedding space, so a thought
+    starts out as what it is for its sender, and training moves it from there.
+    """
 
     def __init__(self, d_src: int, d_tgt: int, hidden: int | None = None):
         super().__init__()
         hidden = hidden or d_src
         self.norm_in, self.up, self.down = nn.LayerNorm(d_src), nn.Linear(d_src, hidden), nn.Linear(hidden, d_tgt)
         self.residual, self.norm_out = nn.Linear(d_src, d_tgt, bias=False), nn.LayerNorm(d_tgt)
+        if d_src == d_tgt:
+            with torch.no_grad():
+                self.residual.weight.copy_(torch.eye(d_src))
+                self.down.weight.zero_()
+                self.down.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm_out(self.down(F.gelu(self.up(self.norm_in(x)))) + self.residual(x))
@@ -52,6 +62,30 @@ class Links(nn.Module):
         self.receiver_inner = InnerLink(receiver_dim, hidden)
         self.outer = nn.ModuleList([OuterLink(d, receiver_dim, hidden) for d in sender_dims])
         self.feedback = OuterLink(receiver_dim, sender_dims[0], hidden)
+
+    @torch.no_grad()
+    def match_embeddings(self, senders: Sequence[nn.Module], receiver: nn.Module) -> Links:
+        """Start every link's output at the scale of the input embeddings it stands in for.
+
+        A LayerNorm output has RMS 1 per element, where token embeddings have far less (0.02-0.05
+        in real models); a thought that loud drowns the prompt around it, and Adam needs about
+        1 / lr steps to shrink the norm's weight. So each output norm's weight starts at the RMS of
+        the target model's embedding table: the sender's for its InnerLink, the receiver's for the
+        OuterLinks and its own InnerLink, the first sender's for the feedback link.
+        """
+        scale = [_embedding_rms(m) for m in senders]
+        target = _embedding_rms(receiver)
+        for s, link in enumerate(self.inner):
+            link.norm_out.weight.fill_(scale[s])
+        for link in (*self.outer, self.receiver_inner):
+            link.norm_out.weight.fill_(target)
+        self.feedback.norm_out.weight.fill_(scale[0])
+        return self
+
+
+def _embedding_rms(model: nn.Module) -> float:
+    """The root mean square of one entry of `model`'s input-embedding table."""
+    return model.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt().item()
 
     @property
     def config(self) -> dict:
