@@ -55,7 +55,6 @@ def eval_trainer(strategy: str = "ddp", devices: int | str = 1, num_nodes: int =
             said), or any other setting Lightning refuses (its message, on one line), or a command
             Lightning cannot rerun for the other processes (`python -c`).
     """
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.accelerators import CPUAccelerator
     from lightning.pytorch.strategies import StrategyRegistry
 
@@ -67,13 +66,18 @@ def eval_trainer(strategy: str = "ddp", devices: int | str = 1, num_nodes: int =
     if type(num_nodes) is not int or num_nodes < 1:
         raise DeviceError(f"--num-nodes must be an integer >= 1, got {num_nodes!r}")
     devices = _device_count(devices)
+    lightning_info = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = lightning_info.level
+    lightning_info.setLevel(logging.WARNING)  # its GPU/TPU lines would come before a one-line error
     try:
         trainer = L.Trainer(strategy=strategy, devices=devices, num_nodes=num_nodes, accelerator=accelerator,
                             logger=False, enable_checkpointing=False, enable_model_summary=False,
                             enable_progress_bar=progress, inference_mode=False)
-    except (MisconfigurationException, ValueError, RuntimeError) as err:
+    except Exception as err:  # Lightning refuses settings with several types (Misconfiguration, Value, Import...)
         raise DeviceError(f"cannot run on devices={devices}, num_nodes={num_nodes}, accelerator={accelerator!r}: "
                           f"{one_line(err)}") from None
+    finally:
+        lightning_info.setLevel(level)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices > cores:
         raise DeviceError(f"--devices {trainer.num_devices} on cpu: this machine has {cores} CPU core"
