@@ -241,9 +241,10 @@ def eval_(
     out = writable_dir(out)
     trainer = None
     if strategy is not None or devices is not None or num_nodes != 1:
-        from tflow.sharded import eval_trainer
+        from tflow.sharded import device_override, eval_trainer
 
         trainer = eval_trainer(strategy or "ddp", devices or 1, num_nodes, loaded.train.accelerator, progress)
+        loaded = load_recipe(recipe, [*(overrides or ()), device_override(trainer)])
     import tflow
     from tflow.data import eval_examples
     from tflow.evaluate import evaluate

@@ -88,6 +88,13 @@ def eval_trainer(strategy: str = "ddp", devices: int | str = 1, num_nodes: int =
     return trainer
 
 
+def device_override(trainer: L.Trainer) -> str:
+    """The recipe override that loads this process's backbone onto its own device (else every
+    process of a node would first load onto cuda:0)."""
+    device = trainer.strategy.root_device
+    return f"model.device={device if device.type == 'cuda' else device.type}"
+
+
 def _device_count(devices: int | str) -> int | str:
     if devices == "auto" or (type(devices) is int and devices > 0):
         return devices
