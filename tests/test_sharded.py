@@ -95,8 +95,8 @@ def test_ddp_eval_equals_one_process_and_writes_one_report(single):
 
 @pytest.mark.slow
 def test_a_query_that_fails_on_one_rank_is_reported_not_lost(single, tmp_path):
-    # Lightning gives rank 1 examples 1 and 3 (indices 1, 3 of 5, in one batch of 2): 3 fails,
-    # so the batch is retried query by query and 1 still answers.
+    # The sampler gives rank 1 examples 1 and 3 in one batch, then 0 again (its padding repeat):
+    # 3 fails, so that batch is retried query by query and 1 still answers; 0 is reported once.
     questions = [ex.question for ex in relay.split(0, 16, 8, senders=["reader"])[1][:5]]
     script = tmp_path / "failing_eval.py"
     script.write_text(FAILING)

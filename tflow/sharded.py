@@ -1,12 +1,14 @@
 """Evaluation sharded over processes and nodes on Lightning, with the engine and flags training uses.
 
-A Lightning Trainer runs `predict` over the indices of the evaluated examples; Lightning's
-distributed sampler gives each process its share. Every process answers its indices on every
-channel and keeps the replies, its calls' stage seconds and the queries that raised. Global rank 0
-gathers the shards (`torch.distributed.gather_object`, which gloo runs on CPU), puts the replies
-back in example order (an index answered twice, as a padding sampler repeats examples, counts
-once) and scores them as `tflow.evaluate` does, so accuracy, tokens and predictions equal a
-one-process run's. The other processes return None and write nothing.
+A Lightning Trainer runs `test` over the indices of the evaluated examples; Lightning's
+DistributedSampler gives each process its share, padded by repeating examples so that every
+process runs as many batches (Lightning's unpadded sampler for `predict` refuses a process with no
+example, as when there are fewer examples than processes). Every process answers its indices on
+every channel and keeps the replies, its calls' stage seconds and the queries that raised. Global
+rank 0 gathers the shards (`torch.distributed.gather_object`, which gloo runs on CPU), puts the
+replies back in example order, each example once, and scores them as `tflow.evaluate` does, so
+accuracy, tokens and predictions equal a one-process run's. The other processes return None and
+write nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,7 +145,7 @@ class ShardModule(L.LightningModule):
     def team(self) -> Team:
         return self._team[0]
 
-    def on_predict_start(self) -> None:
+    def on_test_start(self) -> None:
         receiver = self.team.receiver
         parts = [a.model for a in [*self.team.senders, receiver]] + [receiver.generator, receiver.kv_lora, receiver.links]
         for part in {id(p): p for p in parts if p is not None}.values():
@@ -153,7 +156,7 @@ class ShardModule(L.LightningModule):
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # example indices; the team makes its tensors on its device
 
-    def predict_step(self, indices: list[int], batch_idx: int) -> None:
+    def test_step(self, indices: list[int], batch_idx: int) -> None:
         for channel in self.channels:
             began = time.perf_counter()
             self._answer(channel, indices)
@@ -177,7 +180,7 @@ class ShardModule(L.LightningModule):
             return
         self.shard.calls[channel].append((list(indices), replies))
 
-    def on_predict_end(self) -> None:
+    def on_test_end(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             shards = [None] * torch.distributed.get_world_size() if self.global_rank == 0 else None
             torch.distributed.gather_object(self.shard, shards, dst=0)
@@ -201,7 +204,9 @@ def evaluate_sharded(trainer: L.Trainer, team: Team, task: Task, examples: Seque
     names, chosen = check_inputs(team, examples, channels, batch_size, ablations)
     module = ShardModule(team, task, examples, names)
     loader = DataLoader(range(len(examples)), batch_size=batch_size, collate_fn=list)
-    trainer.predict(module, loader, return_predictions=False)
+    with warnings.catch_warnings():  # Lightning warns that the sampler repeats examples: merge drops the repeats
+        warnings.filterwarnings("ignore", "Using `DistributedSampler` with the dataloaders")
+        trainer.test(module, loader, verbose=False)
     if not trainer.is_global_zero:
         return None
     result = EvalResult(task.name, len(examples), merge(module.shards, team, task, examples, names),
@@ -213,7 +218,8 @@ def evaluate_sharded(trainer: L.Trainer, team: Team, task: Task, examples: Seque
 
 def merge(shards: Sequence[Shard], team: Team, task: Task, examples: Sequence[Example],
           channels: Sequence[str]) -> dict[str, ChannelResult]:
-    """Each channel's result over every shard: every call's costs once, each example's reply once, in order."""
+    """Each channel's result over every shard: every call's costs once, each example's reply (or
+    else its failure) once, in example order; a padding repeat that failed where another answered is dropped."""
     results = {}
     for channel in channels:
         result = results[channel] = ChannelResult(channel, team.label(channel))
@@ -225,6 +231,11 @@ def merge(shards: Sequence[Shard], team: Team, task: Task, examples: Sequence[Ex
                     replies.setdefault(index, reply)
         for index in sorted(replies):
             result.add_reply(index, examples[index], replies[index], task, team.receiver.name)
-        result.failures = sorted((f for shard in shards for f in shard.failures[channel]), key=lambda f: f.index)
+        failed: dict[int, Failure] = {}
+        for shard in shards:
+            for failure in shard.failures[channel]:
+                if failure.index not in replies:
+                    failed.setdefault(failure.index, failure)
+        result.failures = [failed[index] for index in sorted(failed)]
         result.wall_seconds = max(shard.seconds[channel] for shard in shards)
     return results
