@@ -9,8 +9,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import tflow
 from tflow.cli import app
+from tflow.evaluate import Failure, evaluate
+from tflow.recipe import load_recipe
 from tflow.report import REPORT_FILES
+from tflow.sharded import eval_trainer, evaluate_sharded
 from tflow.tasks import relay
 
 runner = CliRunner()
@@ -124,3 +128,66 @@ def test_more_processes_from_python_c_is_one_clear_error(tmp_path, monkeypatch):
     assert result.stderr == ("error: more than one device starts each process by rerunning this command, which '-c' "
                              "cannot be; run `tflow eval ...` or `python -m tflow.cli eval ...`\n")
     assert not (tmp_path / "model").exists()  # failed before building or loading any model
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory):
+    args = recipe_args(tmp_path_factory.mktemp("team"))
+    return tflow.load(load_recipe(args[0], args[1:]))
+
+
+def fields(result):
+    return {name: (r.predictions, r.tokens_by_agent, r.tokens_by_stage, r.kv_cache_bytes, r.message_bytes, r.accuracy,
+                   r.failures, set(r.seconds_by_stage)) for name, r in result.channels.items()}
+
+
+def test_lightning_test_loop_in_one_process_equals_evaluate(team):
+    task, examples = relay.Relay(), relay.generate(5, seed=0, senders=["reader"])
+    plain = evaluate(team, task, examples, "none,text", batch_size=2)
+    sharded = evaluate_sharded(eval_trainer("auto", 1, accelerator="cpu", progress=False), team, task, examples,
+                               "none,text", batch_size=2)
+    assert sharded.processes == 1 and fields(sharded) == fields(plain)
+
+
+def test_a_failing_query_is_kept_and_its_batch_mate_still_answers(team, monkeypatch):
+    task, examples = relay.Relay(), relay.generate(5, seed=0, senders=["reader"])
+    communicate = team.communicate
+
+    def failing(queries, **kwargs):
+        if any(examples[3].question in q for q in queries):
+            raise RuntimeError("injected failure\nsecond line")
+        return communicate(queries, **kwargs)
+
+    monkeypatch.setattr(team, "communicate", failing)
+    result = evaluate_sharded(eval_trainer("auto", 1, accelerator="cpu", progress=False), team, task, examples,
+                              "none", batch_size=2)
+    none = result.channels["none"]
+    assert none.failures == [Failure(3, examples[3].question, 0, "RuntimeError: injected failure")]
+    assert [p.index for p in none.predictions] == [0, 1, 2, 4]
+    assert none.accuracy == sum(p.correct for p in none.predictions) / 5
+
+
+def test_merge_keeps_each_example_once_in_order_and_every_call_cost():
+    from types import SimpleNamespace
+
+    from tflow.reply import AgentUsage, Reply, Usage
+    from tflow.sharded import Shard, merge
+
+    examples = relay.generate(3, seed=0, senders=["reader"])
+
+    def reply(i):
+        return Reply(examples[i].answer, "none", Usage({"executor": AgentUsage(10 + i, 2)}), {"receiver": 1.0})
+
+    def failure(i, rank):
+        return Failure(i, examples[i].question, rank, "RuntimeError: x")
+
+    # 3 examples on 2 processes: rank 0 answers 0 and fails on 2; rank 1 answers 1 and fails on
+    # its padding repeat of 0, which is dropped since rank 0 answered it
+    shards = [Shard(0, {"none": [([0], [reply(0)])]}, {"none": [failure(2, 0)]}, {"none": 2.0}),
+              Shard(1, {"none": [([1], [reply(1)])]}, {"none": [failure(0, 1)]}, {"none": 3.0})]
+    team = SimpleNamespace(label=lambda channel: channel, receiver=SimpleNamespace(name="executor"))
+    (result,) = merge(shards, team, relay.Relay(), examples, ["none"]).values()
+    assert [p.index for p in result.predictions] == [0, 1] and all(p.correct for p in result.predictions)
+    assert result.failures == [failure(2, 0)] and result.accuracy == 2 / 3
+    assert result.tokens == 12 + 13 and result.seconds_by_stage == {"receiver": 2.0}
+    assert result.wall_seconds == 3.0
