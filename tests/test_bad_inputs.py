@@ -25,6 +25,7 @@ from tflow.errors import (
     ChannelError,
     CheckpointError,
     DataError,
+    DeviceError,
     ModelLoadError,
     OutputError,
     QueryError,
@@ -34,6 +35,7 @@ from tflow.errors import (
 )
 from tflow.io import read_safetensors, writable_dir, writable_file
 from tflow.recipe import load_recipe
+from tflow.sharded import eval_trainer
 from tflow.training import train as tflow_train
 
 runner = CliRunner()
@@ -271,6 +273,21 @@ CASES = [
     Case("eval_out_not_writable", ("eval", "{recipe}", "--channels", "none", "--out", "{tmp}/file/report"),
          lambda w: writable_dir(w.tmp / "file" / "report"), OutputError,
          "cannot write to {tmp}/file/report: Not a directory; choose a folder you can write to"),
+    Case("eval_unknown_strategy", ("eval", "{recipe}", "--channels", "none", "--strategy", "dpp"),
+         lambda w: eval_trainer("dpp"), DeviceError, "unknown strategy 'dpp'; Lightning knows: auto, ddp, ddp_spawn"),
+    Case("eval_training_only_strategy", ("eval", "{recipe}", "--channels", "none", "--strategy", "fsdp"),
+         lambda w: eval_trainer("fsdp"), DeviceError, "eval shards its queries with strategy ddp or auto, not 'fsdp'"),
+    Case("eval_more_devices_than_cores", ("eval", "{recipe}", "--channels", "none", "--devices", "10000"),
+         lambda w: eval_trainer(devices=10000, accelerator="cpu"), DeviceError,
+         "--devices 10000 on cpu: this machine has "),
+    Case("eval_no_nodes", ("eval", "{recipe}", "--channels", "none", "--strategy", "ddp", "--num-nodes", "0"),
+         lambda w: eval_trainer(num_nodes=0), DeviceError, "--num-nodes must be an integer >= 1, got 0"),
+    Case("eval_devices_not_a_count", ("eval", "{recipe}", "--channels", "none", "--devices", "two"),
+         lambda w: eval_trainer(devices="two"), DeviceError, "--devices must be a positive integer or auto, got 'two'"),
+    Case("eval_accelerator_lightning_refuses", ("eval", "{recipe}", "--channels", "none", "--devices", "2",
+                                                "train.accelerator=tpu"),
+         lambda w: eval_trainer(devices=2, accelerator="tpu"), DeviceError,
+         "cannot run on devices=2, num_nodes=1, accelerator='tpu': "),
     Case("train_out_not_writable", ("train", "{recipe}", "train.out_dir={tmp}/file/run"),
          lambda w: train(w.recipe_with("train.out_dir={tmp}/file/run")), OutputError,
          "cannot write to {tmp}/file/run: Not a directory"),

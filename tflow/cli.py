@@ -205,12 +205,19 @@ def eval_(
     ablations: Annotated[str | None, typer.Option(
         help="Comma-separated ablations: shuffled, static, drop-sender (weights, kv, latent), scale (weights).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    strategy: Annotated[str | None, typer.Option(
+        help="Shard the queries over processes on Lightning with this strategy: ddp (or auto) "
+             "[default: one process; ddp when --devices or --num-nodes asks for more].")] = None,
+    devices: Annotated[str | None, typer.Option(
+        help="Processes per node when sharding: a count or auto (on cpu, at most one per core).")] = None,
+    num_nodes: Annotated[int, typer.Option(help="Machines to shard the queries over.")] = 1,
 ) -> None:
     """Compare channels on a task under one cost ledger and write a report to --out.
 
     Prints the table: accuracy, processed tokens and time of each channel, with ratios against text
     and none, and, with --ablations, the accuracy of each ablation row. The weights channel's delta
-    diagnostics go into the report.
+    diagnostics go into the report. With --strategy ddp --devices N [--num-nodes M] the queries are
+    sharded over processes (the recipe's train.accelerator); rank 0 writes the one report.
     """
     from tflow.errors import DataError
     from tflow.evaluate import parse_channels
@@ -232,6 +239,12 @@ def eval_(
 
     require_parts(names, checkpoint)  # before any weights load
     out = writable_dir(out)
+    trainer = None
+    if strategy is not None or devices is not None or num_nodes != 1:
+        from tflow.sharded import device_override, eval_trainer
+
+        trainer = eval_trainer(strategy or "ddp", devices or 1, num_nodes, loaded.train.accelerator, progress)
+        loaded = load_recipe(recipe, [*(overrides or ()), device_override(trainer)])
     import tflow
     from tflow.data import eval_examples
     from tflow.evaluate import evaluate
@@ -239,11 +252,25 @@ def eval_(
 
     examples = eval_examples(loaded, chosen, split, limit)
     team = tflow.load(loaded, checkpoint)
-    typer.echo(f"evaluating {', '.join(names)} on {len(examples)} {name} examples -> {out}")
-    result = evaluate(team, chosen, examples, names, batch_size=batch_size, progress=progress, ablations=ablations)
+    if trainer is None:
+        typer.echo(f"evaluating {', '.join(names)} on {len(examples)} {name} examples -> {out}")
+        result = evaluate(team, chosen, examples, names, batch_size=batch_size, progress=progress, ablations=ablations)
+    else:
+        from tflow.sharded import evaluate_sharded
+
+        if trainer.is_global_zero:
+            typer.echo(f"evaluating {', '.join(names)} on {len(examples)} {name} examples over "
+                       f"{trainer.world_size} processes -> {out}")
+        result = evaluate_sharded(trainer, team, chosen, examples, names, batch_size=batch_size, ablations=ablations)
+        if result is None:
+            return  # another process's shard: global rank 0 writes the report
     typer.echo(render_table(write_report(result, out)))
     for file in REPORT_FILES:
         typer.echo(f"wrote {out / file}")
+    for channel in result.channels.values():
+        for f in channel.failures:
+            typer.echo(f"warning: {channel.label or channel.channel} query {f.index} failed on rank {f.rank}: "
+                       f"{f.message}", err=True)
 
 
 @app.command()

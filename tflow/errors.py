@@ -61,3 +61,7 @@ class AblationError(TflowError, ValueError):
 
 class ServeError(TflowError, ValueError):
     """A server that cannot start as asked: an option out of range, or an address it cannot bind."""
+
+
+class DeviceError(TflowError, ValueError):
+    """Processes that cannot run as asked: an unknown strategy, more devices than exist, no node."""

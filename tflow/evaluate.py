@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -31,12 +32,25 @@ class Prediction:
     delta_applied: bool | None = None
 
 
+@dataclass(frozen=True)
+class Failure:
+    """One query that raised instead of answering: which example, on which process, and why (one line)."""
+
+    index: int
+    question: str
+    rank: int
+    message: str
+
+
 @dataclass
 class ChannelResult:
     """One channel over every example; token and byte counts are sums over the queries.
 
-    `seconds_by_stage` adds each batched call's stage seconds once; `peak_memory_bytes` is the
-    largest per-stage CUDA peak of any call (None per stage on CPU).
+    `seconds_by_stage` adds each batched call's stage seconds once (over every process, when the
+    queries were sharded); `wall_seconds` is how long the channel took start to end (on the
+    slowest process, when sharded); `peak_memory_bytes` is the largest per-stage CUDA peak of any
+    call (None per stage on CPU). `failures` are queries that raised (only sharded runs report
+    them instead of stopping); they count as wrong.
     """
 
     channel: str
@@ -50,6 +64,8 @@ class ChannelResult:
     message_bytes: int = 0
     holders: list[str | None] = field(default_factory=list)
     donor_accuracy: float | None = None  # shuffled rows: replies right for the query whose message they got
+    wall_seconds: float | None = None
+    failures: list[Failure] = field(default_factory=list)
 
     @property
     def correct(self) -> int:
@@ -57,7 +73,8 @@ class ChannelResult:
 
     @property
     def accuracy(self) -> float:
-        return self.correct / len(self.predictions) if self.predictions else 0.0
+        asked = len(self.predictions) + len(self.failures)
+        return self.correct / asked if asked else 0.0
 
     @property
     def refused_deltas(self) -> int:
@@ -83,22 +100,30 @@ class ChannelResult:
 
     def add(self, examples: Sequence[Example], replies: Sequence[Reply], task: Task, receiver: str) -> None:
         """Score one batched call's replies and add its costs; `receiver` names the receiving agent."""
-        for stage, seconds in replies[0].timings.items():
+        self.add_call(replies[0])
+        for example, reply in zip(examples, replies, strict=True):
+            self.add_reply(len(self.predictions), example, reply, task, receiver)
+
+    def add_call(self, reply: Reply) -> None:
+        """Add the stage seconds and memory peaks of the batched call that gave `reply` (shared by its batch)."""
+        for stage, seconds in reply.timings.items():
             self.seconds_by_stage[stage] = self.seconds_by_stage.get(stage, 0.0) + seconds
-        for stage, peak in replies[0].peak_memory_bytes.items():
+        for stage, peak in reply.peak_memory_bytes.items():
             known = self.peak_memory_bytes.get(stage)
             self.peak_memory_bytes[stage] = peak if known is None or peak is None else max(known, peak)
-        for example, reply in zip(examples, replies, strict=True):
-            for agent, usage in reply.usage.by_agent.items():
-                self.tokens_by_agent[agent] = self.tokens_by_agent.get(agent, 0) + usage.total_tokens
-                self.tokens_by_stage["receiver" if agent == receiver else "senders"] += usage.total_tokens
-            self.kv_cache_bytes += reply.usage.kv_cache_bytes
-            self.message_bytes += reply.message_bytes
-            self.predictions.append(Prediction(
-                len(self.predictions), example.question, example.answer, task.extract(reply.text, example), reply.text,
-                task.score(reply.text, example), reply.usage.total_tokens, reply.delta_applied,
-            ))
-            self.holders.append(example.meta.get("holder"))
+
+    def add_reply(self, index: int, example: Example, reply: Reply, task: Task, receiver: str) -> None:
+        """Score the reply to example `index` of the evaluated set and add its tokens and bytes."""
+        for agent, usage in reply.usage.by_agent.items():
+            self.tokens_by_agent[agent] = self.tokens_by_agent.get(agent, 0) + usage.total_tokens
+            self.tokens_by_stage["receiver" if agent == receiver else "senders"] += usage.total_tokens
+        self.kv_cache_bytes += reply.usage.kv_cache_bytes
+        self.message_bytes += reply.message_bytes
+        self.predictions.append(Prediction(
+            index, example.question, example.answer, task.extract(reply.text, example), reply.text,
+            task.score(reply.text, example), reply.usage.total_tokens, reply.delta_applied,
+        ))
+        self.holders.append(example.meta.get("holder"))
 
 
 @dataclass(frozen=True)
@@ -107,7 +132,7 @@ class EvalResult:
 
     `ablations[channel][row]`: that channel answering with ablated messages (`tflow.diagnostics`);
     `diagnostics[channel]`: `tflow.diagnostics.summarize` of its messages. Both only for channels
-    with a trained part.
+    with a trained part. `processes`: how many the channel runs were sharded over (`tflow.sharded`).
     """
 
     task: str
@@ -115,6 +140,7 @@ class EvalResult:
     channels: dict[str, ChannelResult]
     ablations: dict[str, dict[str, ChannelResult]] = field(default_factory=dict)
     diagnostics: dict[str, dict] = field(default_factory=dict)
+    processes: int = 1
 
 
 def parse_channels(spec: str | Sequence[str]) -> list[str]:
@@ -153,6 +179,18 @@ def evaluate(team: Team, task: Task, examples: Sequence[Example], channels: str 
         DataError: no examples.
         QueryError: batch_size < 1.
     """
+    names, chosen = check_inputs(team, examples, channels, batch_size, ablations)
+    result = EvalResult(task.name, len(examples), {})
+    with progress_bar(progress) as bar:
+        for channel in names:
+            result.channels[channel] = _run(team, task, examples, channel, batch_size, bar)
+        add_checks(result, team, task, examples, chosen, batch_size, bar)
+    return result
+
+
+def check_inputs(team: Team, examples: Sequence[Example], channels: str | Sequence[str], batch_size: int,
+                 ablations: str | Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """The channel names and the chosen ablations, checked as `evaluate` documents."""
     names = parse_channels(channels)
     chosen = parse_ablations(ablations, names, [s.name for s in team.senders])
     if not examples:
@@ -161,27 +199,33 @@ def evaluate(team: Team, task: Task, examples: Sequence[Example], channels: str 
         raise QueryError(f"batch_size must be >= 1, got {batch_size}")
     if "shuffled" in chosen and len(examples) < 2:
         raise AblationError("shuffled needs at least 2 examples to swap messages between, got 1")
-    result = EvalResult(task.name, len(examples), {})
+    return names, chosen
+
+
+def progress_bar(shown: bool) -> Progress:
+    """The progress display of the channel runs (a no-op when not `shown`)."""
     columns = [*Progress.get_default_columns()[:-1], MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, disable=not progress) as bar:
-        for channel in names:
-            result.channels[channel] = _run(team, task, examples, channel, batch_size, bar)
-        for channel in (c for c in names if c in ABLATABLE):
-            checks = ABLATABLE[channel]
-            sample = examples if chosen else examples[:DIAGNOSTIC_QUERIES]
-            if checks.summarize is None and not chosen:
-                continue
-            messages = checks.collect(team.senders, team.receiver, [task.prompt(ex) for ex in sample],
-                                      [ex.contexts for ex in sample], batch_size, chosen,
-                                      **channel_settings(team.recipe, channel))
-            if checks.summarize is not None:
-                result.diagnostics[channel] = checks.summarize(messages, team.receiver)
-            if chosen:
-                rows = checks.ablate(messages, [n for n in chosen if n in checks.names])
-                result.ablations[channel] = {row: _run(team, task, examples, channel, batch_size, bar, (row, m))
-                                             for row, m in rows.items()}
-                _score_donors(result.ablations[channel].get("shuffled"), task, examples)
-    return result
+    return Progress(*columns, disable=not shown)
+
+
+def add_checks(result: EvalResult, team: Team, task: Task, examples: Sequence[Example], chosen: Sequence[str],
+               batch_size: int, bar: Progress) -> None:
+    """Add the diagnostics, and the `chosen` ablation rows, of every channel in `result` with a trained part."""
+    for channel in (c for c in result.channels if c in ABLATABLE):
+        checks = ABLATABLE[channel]
+        if checks.summarize is None and not chosen:
+            continue
+        sample = examples if chosen else examples[:DIAGNOSTIC_QUERIES]
+        messages = checks.collect(team.senders, team.receiver, [task.prompt(ex) for ex in sample],
+                                  [ex.contexts for ex in sample], batch_size, chosen,
+                                  **channel_settings(team.recipe, channel))
+        if checks.summarize is not None:
+            result.diagnostics[channel] = checks.summarize(messages, team.receiver)
+        if chosen:
+            rows = checks.ablate(messages, [n for n in chosen if n in checks.names])
+            result.ablations[channel] = {row: _run(team, task, examples, channel, batch_size, bar, (row, m))
+                                         for row, m in rows.items()}
+            _score_donors(result.ablations[channel].get("shuffled"), task, examples)
 
 
 def _run(team: Team, task: Task, examples: Sequence[Example], channel: str, batch_size: int, bar,
@@ -191,6 +235,7 @@ def _run(team: Team, task: Task, examples: Sequence[Example], channel: str, batc
     result = ChannelResult(channel, team.label(channel))
     label = result.label if ablation is None else f"{channel} · {ablation[0]}"
     job = bar.add_task(f"{task.name} · {label}", total=len(examples))
+    began = time.perf_counter()
     for start in range(0, len(examples), batch_size):
         rows = slice(start, start + batch_size)
         batch = examples[rows]
@@ -202,6 +247,7 @@ def _run(team: Team, task: Task, examples: Sequence[Example], channel: str, batc
                                    contexts=[ex.contexts for ex in batch], **given)
         result.add(batch, replies, task, team.receiver.name)
         bar.advance(job, len(batch))
+    result.wall_seconds = time.perf_counter() - began
     return result
 
 

@@ -39,7 +39,7 @@ ABLATION_NOTE = (
 
 def report_dict(result: EvalResult) -> dict:
     """The report as plain data: what report.json holds and the other files render."""
-    report = {"task": result.task, "n": result.n,
+    report = {"task": result.task, "n": result.n, "processes": result.processes,
               "channels": {name: _channel(r, result.n) for name, r in result.channels.items()}}
     if result.ablations:
         report["ablations"] = {channel: {row: _channel(r, result.n) for row, r in rows.items()}
@@ -56,6 +56,7 @@ def _channel(r: ChannelResult, n: int) -> dict:
         "correct": r.correct,
         "seconds": r.seconds,
         "seconds_by_stage": r.seconds_by_stage,
+        "wall_seconds": r.wall_seconds,
         "peak_memory_bytes": r.peak_memory_bytes,
         "tokens": {"total": r.tokens, "by_agent": r.tokens_by_agent, "by_stage": r.tokens_by_stage},
         "tokens_per_query": r.tokens / n,
@@ -64,6 +65,7 @@ def _channel(r: ChannelResult, n: int) -> dict:
         "refused_deltas": r.refused_deltas,
         "accuracy_by_holder": r.accuracy_by_holder(),
         "donor_accuracy": r.donor_accuracy,
+        "errors": [asdict(f) for f in r.failures],
     }
 
 
@@ -144,6 +146,14 @@ def markdown(report: dict) -> str:
         stage_seconds = [f"{c['seconds_by_stage'][s]:.2f}" if s in c["seconds_by_stage"] else "—" for s in STAGES]
         out.append(_md_row([c.get("label", name), str(c["tokens"]["by_stage"]["senders"]), str(c["tokens"]["by_stage"]["receiver"]),
                             *stage_seconds, f"{c['message_bytes']:.0f}", f"{c['kv_cache_bytes'] / report['n']:.0f}"]))
+    if report["processes"] > 1:
+        walls = ", ".join(f"{c.get('label', name)} {c['wall_seconds']:.2f}" for name, c in report["channels"].items())
+        out += ["", f"Sharded over {report['processes']} processes: the stage seconds add up every process's; "
+                f"wall seconds per channel (its slowest process): {walls}."]
+    failed = [(c.get("label", name), e) for name, c in report["channels"].items() for e in c["errors"]]
+    if failed:
+        out += ["", "## Failed queries (counted as wrong)", "", _md_row(["channel", "example", "rank", "error"]),
+                _md_row(["---"] * 4), *(_md_row([name, str(e["index"]), str(e["rank"]), e["message"]]) for name, e in failed)]
     for channel in report.get("ablations", {}):
         header, rows = ablation_rows(report, channel)
         out += ["", f"## Does the message carry the query? ({channel} ablations)", "",
