@@ -82,11 +82,6 @@ class Links(nn.Module):
         self.feedback.norm_out.weight.fill_(scale[0])
         return self
 
-
-def _embedding_rms(model: nn.Module) -> float:
-    """The root mean square of one entry of `model`'s input-embedding table."""
-    return model.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt().item()
-
     @property
     def config(self) -> dict:
         """What a checkpoint of it must match."""
@@ -117,3 +112,8 @@ def embed(model: nn.Module, ids: Sequence[int]) -> Tensor:
     """The input embeddings [len(ids), H] of token ids."""
     table = model.get_input_embeddings()
     return table(torch.tensor(list(ids), dtype=torch.long, device=table.weight.device))
+
+
+def _embedding_rms(model: nn.Module) -> float:
+    """The root mean square of one entry of `model`'s input-embedding table."""
+    return model.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt().item()
