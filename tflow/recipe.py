@@ -134,7 +134,9 @@ class SenderSection(_Section):
     context: str | None = None
     """Private context only this sender reads with every query (per-query context comes from data)."""
     model: ModelSection | None = None
-    """Its own backbone; by default it shares the top-level `model`."""
+    """Its own backbone; by default it shares the top-level `model`. It may differ from the
+    receiver's and other senders' in architecture, width, depth, tokenizer and chat template:
+    each sender backbone gets its own layer aggregation (and a projection when widths differ)."""
     context_position: Literal["before_query", "after_query"] = "before_query"
     """Where a private document goes in the sender's user turn. `after_query` lets every
     document token's hidden state see the question (causal attention), so the states that hold
