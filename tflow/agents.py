@@ -32,7 +32,11 @@ class Sender:
 
     The role is the system message; `context`, when given, comes before the query in the user
     turn, or after it with `context_position="after_query"` (then every document token's state
-    has seen the question).
+    has seen the question). Senders may run different backbones, each with its own tokenizer.
+
+    Raises:
+        ModelLoadError: the tokenizer has no chat template.
+        QueryError: an unknown context_position.
     """
 
     model: nn.Module
@@ -43,6 +47,10 @@ class Sender:
     context_position: str = "before_query"
 
     def __post_init__(self):
+        if not getattr(self.tokenizer, "chat_template", None):
+            who = f"sender {self.name!r}" if self.name else f"the sender with role {self.role!r}"
+            raise ModelLoadError(f"{who}: its tokenizer has no chat template; give it an instruct/chat model's "
+                                 "tokenizer or set tokenizer.chat_template")
         if self.context_position not in CONTEXT_POSITIONS:
             raise QueryError(f"context_position must be one of {', '.join(CONTEXT_POSITIONS)}, "
                              f"got {self.context_position!r}")

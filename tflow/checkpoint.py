@@ -38,6 +38,8 @@ def save(hypernet: Hypernetwork, out_dir: str | Path, recipe=None) -> Path:
         "config": json.dumps(hypernet.config, sort_keys=True),
         "receiver_fingerprint": json.dumps(hypernet.spec.fingerprint(), sort_keys=True),
     }
+    if hypernet.senders is not None:
+        metadata["senders_fingerprint"] = json.dumps(hypernet.senders, sort_keys=True)
     path = out_dir / GENERATOR_FILE
     atomic_write_safetensors(tensors, path, metadata)
     if recipe is not None:
@@ -79,12 +81,19 @@ def save_links(links, out_dir: str | Path, fingerprint: dict, recipe=None) -> Pa
     return path
 
 
+def backbone_fingerprint(model) -> dict:
+    """What a trained part must match of an agent's backbone: architecture, depth, width, vocabulary."""
+    config = model.config
+    return {"architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
+            "num_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+            "vocab_size": config.vocab_size}
+
+
 def links_fingerprint(senders, receiver) -> dict:
     """What latent links must match: every agent's architecture, width and depth."""
     def backbone(model):
-        config = model.config
-        arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
-        return [arch, config.hidden_size, config.num_hidden_layers]
+        fp = backbone_fingerprint(model)
+        return [fp["architecture"], fp["hidden_size"], fp["num_layers"]]
 
     return {"senders": [backbone(s.model) for s in senders], "receiver": backbone(receiver.model)}
 
@@ -162,8 +171,9 @@ def load_links(links, path: str | Path, fingerprint: dict) -> None:
 
 
 def _checked(path: str | Path, channel: str, fingerprint: dict, config: dict, fix_models: str | None = None,
-             fix_config: str | None = None) -> dict:
-    """The tensors of `channel`'s part file, after its kind, fingerprint and config are checked.
+             fix_config: str | None = None, senders: list[dict] | None = None) -> dict:
+    """The tensors of `channel`'s part file, after its kind, fingerprint, sender backbones (when
+    both the file and `senders` record them) and config are checked.
 
     Raises:
         CheckpointError: not safetensors, another channel's part, other models, another config.
@@ -180,12 +190,31 @@ def _checked(path: str | Path, channel: str, fingerprint: dict, config: dict, fi
     if mismatch:
         raise CheckpointError(f"{path} was trained for another receiver ({mismatch}); "
                               f"{fix_models or 'use the models it was trained with'}")
+    if senders is not None and "senders_fingerprint" in meta:
+        _check_senders(path, json.loads(meta["senders_fingerprint"]), senders)
     mismatch = _first_difference(json.loads(meta.get("config", "{}")), json.loads(json.dumps(config)))
     if mismatch:
         noun = "generator" if channel == "weights" else f"{channel} part"
         raise CheckpointError(f"{path} holds a different {noun} ({mismatch}); "
                               f"{fix_config or f'make the recipe {channel} section match the checkpoint recipe.yaml'}")
     return tensors
+
+
+def _check_senders(path, saved: list[dict], current: list[dict]) -> None:
+    """Raises CheckpointError naming the first sender whose backbone differs from the one trained with."""
+    if len(saved) != len(current):
+        raise CheckpointError(f"{path} was trained with {len(saved)} senders, this team has {len(current)}; "
+                              "use the senders it was trained with")
+
+    def shown(fp):
+        return (f"{fp.get('architecture')} ({fp.get('num_layers')} layers, hidden {fp.get('hidden_size')}, "
+                f"vocabulary {fp.get('vocab_size')})")
+
+    for was, now in zip(saved, current, strict=True):
+        if {k: v for k, v in was.items() if k != "name"} != {k: v for k, v in now.items() if k != "name"}:
+            raise CheckpointError(f"{path} was trained with sender {was.get('name')!r} on {shown(was)}, but this "
+                                  f"team's sender {now.get('name')!r} runs {shown(now)}; give it the model it was "
+                                  "trained with")
 
 
 def locate(checkpoint: str | Path) -> Path:
@@ -215,7 +244,8 @@ def load_into(hypernet: Hypernetwork, checkpoint: str | Path) -> None:
     path = locate(checkpoint)
     tensors = _checked(path, "weights", hypernet.spec.fingerprint(), hypernet.config,
                        "use the model and generator.targets/layers it was trained with",
-                       "make the recipe's generator, senders and fusion match the checkpoint's recipe.yaml")
+                       "make the recipe's generator, senders and fusion match the checkpoint's recipe.yaml",
+                       hypernet.senders)
     result = hypernet.load_state_dict(tensors, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{path} does not fit the generator: missing {result.missing_keys[:3]}, "

@@ -32,19 +32,53 @@ def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 
+def backbone_groups(senders: Sequence[Sender]) -> list[int]:
+    """Each sender's backbone group: senders on one model object share a group, numbered in order
+    of first appearance (the order `encode` runs them and a Hypernetwork keys its conditioning by)."""
+    first: dict[int, int] = {}
+    return [first.setdefault(id(s.model), len(first)) for s in senders]
+
+
 @dataclass(frozen=True)
 class SenderStates:
-    """Hidden states of every (sender, query) pair, sender-major: row s * Q + q.
+    """Hidden states of every (sender, query) pair, one block per sender backbone group.
 
-    hidden: [layers + 1, S * Q, T, H] (embeddings, then each decoder layer), padded positions zero;
-    mask: [S * Q, T] bool, True on real tokens; prompt_tokens: [S * Q] real tokens per row.
+    hiddens[g]: [layers_g + 1, S_g * Q, T_g, H_g] (embeddings, then each decoder layer) of the S_g
+    senders of group g, member-major (the group's j-th sender's query q is row j * Q + q), padded
+    positions zero; masks[g]: [S_g * Q, T_g] bool, True on real tokens; groups[s]: sender s's group
+    (`backbone_groups`); prompt_tokens: [S * Q] real tokens per row, sender-major (row s * Q + q).
     """
 
-    hidden: Tensor
-    mask: Tensor
+    hiddens: tuple[Tensor, ...]
+    masks: tuple[Tensor, ...]
+    groups: tuple[int, ...]
     prompt_tokens: Tensor
     num_senders: int
     num_queries: int
+
+    @property
+    def hidden(self) -> Tensor:
+        """The one backbone's hidden states, [layers + 1, S * Q, T, H], sender-major.
+
+        Raises:
+            ModelLoadError: the senders run on several backbones (read `hiddens` per group).
+        """
+        return self.hiddens[self._single()]
+
+    @property
+    def mask(self) -> Tensor:
+        """The one backbone's mask, [S * Q, T] bool (see `hidden`)."""
+        return self.masks[self._single()]
+
+    def rows(self, sender: int) -> tuple[int, slice]:
+        """(group, rows of that group's block) holding sender `sender`'s queries."""
+        return sender_rows(self.groups, sender, self.num_queries)
+
+    def _single(self) -> int:
+        if len(self.hiddens) != 1:
+            raise ModelLoadError(f"the senders run on {len(self.hiddens)} backbones, so their states have no single "
+                                 "hidden tensor; read hiddens[g] and masks[g] per backbone group")
+        return 0
 
 
 def encode(senders: Sequence[Sender], queries: Sequence[str],
@@ -53,19 +87,16 @@ def encode(senders: Sequence[Sender], queries: Sequence[str],
 
     contexts[s][q], when given and not None, is sender s's private document for query q.
 
-    Senders that share a model object share its forward. Right padding keeps every real
+    Senders that share a model object share its forward and its block of the states; backbones may
+    differ in layer count, width, tokenizer and chat template. Right padding keeps every real
     position's computation independent of padding and of batchmates. With `reuse_prefixes`,
     each sender's role prompt (and own context) is prefilled once per backbone and kept
     (tflow.prefix); only the rest of each prompt runs, unless the backbone is training or patched.
-
-    Raises:
-        ModelLoadError: sender backbones disagree on hidden size or layer count.
     """
-    groups: dict[int, list[int]] = {}
-    for i, sender in enumerate(senders):
-        groups.setdefault(id(sender.model), []).append(i)
-    rows: dict[int, tuple[Tensor, Tensor]] = {}
-    for members in groups.values():
+    groups = backbone_groups(senders)
+    hiddens, masks = [], []
+    for g in range(max(groups) + 1):
+        members = [i for i, group in enumerate(groups) if group == g]
         model, tokenizer = senders[members[0]].model, senders[members[0]].tokenizer
         texts = [senders[i].prompt(q, contexts[i][j] if contexts else None)
                  for i in members for j, q in enumerate(queries)]
@@ -75,16 +106,21 @@ def encode(senders: Sequence[Sender], queries: Sequence[str],
             hidden, mask = _forward_after(model, seqs, [p for p in kept for _ in queries], tokenizer.pad_token_id)
         else:
             hidden, mask = _forward(model, seqs, tokenizer.pad_token_id)
-        for j, i in enumerate(members):
-            block = slice(j * len(queries), (j + 1) * len(queries))
-            rows[i] = (hidden[:, block], mask[block])
-    shapes = {(h.shape[0], h.shape[-1]) for h, _ in rows.values()}
-    if len(shapes) != 1:
-        raise ModelLoadError(f"sender backbones must share layer count and hidden size, got {sorted(shapes)}")
-    width = max(m.shape[1] for _, m in rows.values())
-    hidden = torch.cat([_pad_right(rows[i][0], width, 2) for i in range(len(senders))], dim=1)
-    mask = torch.cat([_pad_right(rows[i][1], width, 1) for i in range(len(senders))], dim=0)
-    return SenderStates(hidden, mask, mask.sum(-1), len(senders), len(queries))
+        hiddens.append(hidden)
+        masks.append(mask)
+    if len(masks) == 1:
+        tokens = masks[0].sum(-1)
+    else:  # sender-major, gathered from each sender's block (backbones may sit on different devices)
+        blocks = [sender_rows(groups, s, len(queries)) for s in range(len(senders))]
+        tokens = torch.cat([masks[g][rows].sum(-1).cpu() for g, rows in blocks])
+    return SenderStates(tuple(hiddens), tuple(masks), tuple(groups), tokens, len(senders), len(queries))
+
+
+def sender_rows(groups: Sequence[int], sender: int, num_queries: int) -> tuple[int, slice]:
+    """(group, rows of that group's block of `SenderStates`) holding sender `sender`'s queries."""
+    group = groups[sender]
+    j = list(groups[:sender]).count(group)
+    return group, slice(j * num_queries, (j + 1) * num_queries)
 
 
 def _caches_prefixes(model: nn.Module) -> bool:
@@ -142,7 +178,8 @@ def _forward_after(model: nn.Module, seqs: list[list[int]], prefixes: list[Prefi
     return hidden[:, :, :mask.shape[1]].masked_fill(~mask[None, :, :, None], 0.0), mask
 
 
-def _pad_right(t: Tensor, width: int, dim: int) -> Tensor:
+def pad_right(t: Tensor, width: int, dim: int) -> Tensor:
+    """`t` zero-padded at the end of `dim` to length `width`."""
     extra = width - t.shape[dim]
     if extra == 0:
         return t

@@ -25,10 +25,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_backbone(section):
+def load_backbone(section, where: str = "model", agent: str | None = None):
     """(model, tokenizer) for a recipe `model` section: frozen, eval mode, on its device.
 
-    A GGUF `path` is dequantized once into `section.cache_dir` (reported on stderr).
+    A GGUF `path` is dequantized once into `section.cache_dir` (reported on stderr). Errors name
+    the section as `where` (`senders.0.model`) and, when given, the `agent` that runs it.
 
     Raises:
         ModelLoadError: the path is neither a loadable folder, a readable GGUF file nor a cached
@@ -52,12 +53,17 @@ def load_backbone(section):
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(
-            f"model.path: cannot load {path!r} ({first}); give a local folder with config.json and "
+            f"{where}.path: cannot load {path!r}{_of(agent)} ({first}); give a local folder with config.json and "
             "weights, or a hub id already in the local cache (downloads are off)"
         ) from None
     if not getattr(tokenizer, "chat_template", None):
-        raise ModelLoadError(f"model.path: the tokenizer of {path!r} has no chat template; use a chat/instruct model")
+        raise ModelLoadError(f"{where}.path: the tokenizer of {path!r}{_of(agent)} has no chat template; "
+                             "use a chat/instruct model")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False).eval()
     return model.to(resolve_device(section.device)), tokenizer
+
+
+def _of(agent: str | None) -> str:
+    return f" (for {agent})" if agent else ""

@@ -42,8 +42,10 @@ def _home(path: str) -> str:
 
 
 class TinySection(_Section):
-    """A tiny randomly initialised Qwen3 model with a locally trained BPE tokenizer."""
+    """A tiny randomly initialised model with a locally trained BPE tokenizer."""
 
+    arch: Literal["qwen3", "qwen2", "llama", "mistral"] = "qwen3"
+    """Its architecture (transformers' decoder layout)."""
     hidden_size: int = Field(64, gt=0)
     """Width of the residual stream; `num_heads` must divide it."""
     num_layers: int = Field(2, gt=0)
@@ -129,7 +131,9 @@ class SenderSection(_Section):
     context: str | None = None
     """Private context only this sender reads with every query (per-query context comes from data)."""
     model: ModelSection | None = None
-    """Its own backbone; by default it shares the top-level `model`."""
+    """Its own backbone; by default it shares the top-level `model`. It may differ from the
+    receiver's and other senders' in architecture, width, depth, tokenizer and chat template:
+    each sender backbone gets its own layer aggregation (and a projection when widths differ)."""
     context_position: Literal["before_query", "after_query"] = "before_query"
     """Where a private document goes in the sender's user turn. `after_query` lets every
     document token's hidden state see the question (causal attention), so the states that hold

@@ -10,8 +10,11 @@ import torch
 
 from tflow.agents import Receiver, Sender
 from tflow.channels import communicate
+from tflow.channels.dispatch import sender_names
 from tflow.channels.kv_lora import KVLoRA
 from tflow.channels.links import Links
+from tflow.checkpoint import backbone_fingerprint
+from tflow.encoding import backbone_groups
 from tflow.hypernetwork import Hypernetwork
 from tflow.models import load_backbone
 from tflow.reply import Reply
@@ -56,7 +59,8 @@ def load(recipe: str | Path | Mapping, checkpoint: str | Path | None = None, ove
     Without a checkpoint every part is fresh: the generator's B heads and the kv LoRA's B are zero,
     exact no-ops (so kv is LatentMAS); the latent links are random. A checkpoint folder may hold
     the parts of several channels (`tflow.checkpoint`); `Team.trained` says which it had.
-    A backbone shared by several agents is loaded once.
+    A backbone shared by several agents is loaded once; agents may run different backbones (other
+    widths, depths, tokenizers), each sender backbone with its own conditioning.
 
     Raises:
         RecipeError, ModelLoadError, TargetError, CheckpointError.
@@ -68,18 +72,18 @@ def load(recipe: str | Path | Mapping, checkpoint: str | Path | None = None, ove
     parts = ckpt.trained_parts(checkpoint) if checkpoint is not None else {}  # fail before loading weights
     cache: dict[str, tuple] = {}
 
-    def backbone(section):
-        section = section or recipe.model
+    def backbone(section, where: str, agent: str):
+        where, section = (where, section) if section is not None else ("model", recipe.model)
         key = section.model_dump_json()
         if key not in cache:
-            cache[key] = load_backbone(section)
+            cache[key] = load_backbone(section, where, agent)
         return cache[key]
 
     senders = []
-    for s in recipe.senders:
-        model, tokenizer = backbone(s.model)
+    for i, s in enumerate(recipe.senders):
+        model, tokenizer = backbone(s.model, f"senders.{i}.model", f"sender {s.name!r}")
         senders.append(Sender(model, tokenizer, s.role, s.name, s.context, s.context_position))
-    model, tokenizer = backbone(recipe.receiver.model)
+    model, tokenizer = backbone(recipe.receiver.model, "receiver.model", f"receiver {recipe.receiver.name!r}")
     receiver = Receiver(model, tokenizer, recipe.receiver.system_prompt, name=recipe.receiver.name)
     receiver.generator = build_hypernetwork(recipe, senders, receiver)
     receiver.kv_lora = build_kv_lora(recipe, receiver)
@@ -94,12 +98,17 @@ def load(recipe: str | Path | Mapping, checkpoint: str | Path | None = None, ove
 
 
 def build_hypernetwork(recipe, senders: Sequence[Sender], receiver: Receiver) -> Hypernetwork:
-    """A fresh hypernetwork for the recipe's generator, on the receiver's device."""
+    """A fresh hypernetwork for the recipe's generator, on the receiver's device: a layer
+    aggregation (and, where widths differ, a projection) per sender backbone."""
     g = recipe.generator
     spec = ReceiverSpec.from_model(receiver.model, g.targets, g.layers)
-    config = senders[0].model.config
-    hypernet = Hypernetwork(spec, g.model_dump(exclude={"targets", "layers", "max_delta_norm"}), len(senders), config.num_hidden_layers + 1,
-                            config.hidden_size, recipe.fusion.gate_init, g.max_delta_norm)
+    groups = backbone_groups(senders)
+    configs = [senders[groups.index(k)].model.config for k in range(max(groups) + 1)]
+    fingerprints = [{"name": name, **backbone_fingerprint(s.model)}
+                    for name, s in zip(sender_names(senders, receiver), senders, strict=True)]
+    hypernet = Hypernetwork(spec, g.model_dump(exclude={"targets", "layers", "max_delta_norm"}), len(senders),
+                            [c.num_hidden_layers + 1 for c in configs], [c.hidden_size for c in configs],
+                            recipe.fusion.gate_init, g.max_delta_norm, groups=groups, senders=fingerprints)
     return hypernet.to(next(receiver.model.parameters()).device)
 
 
