@@ -123,3 +123,9 @@ def tiny_checkpoint(tmp_path_factory):
     perturb(team.receiver.generator, seed=1)
     checkpoint.save(team.receiver.generator, tmp / "ckpt")
     return overrides, tmp / "ckpt"
+
+
+def recipe_args(tmp) -> list[str]:
+    """The tiny recipe with its model in `tmp/model` (built there on first use) and short decoding."""
+    return ["recipes/tiny.yaml", f"model.path={tmp}/model", f"train.out_dir={tmp}/train", "generate.max_new_tokens=4",
+            "generate.message_tokens=4", "data.relay.n_train=16", "data.relay.n_test=8"]

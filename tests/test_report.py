@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from conftest import recipe_args
 from typer.testing import CliRunner
 
 import tflow
@@ -91,12 +92,6 @@ def test_unwritable_out_is_an_output_error(tmp_path):
     (tmp_path / "file.txt").write_text("in the way")
     with pytest.raises(OutputError, match="cannot write to .*file.txt/sub"):
         write_report(fake_result(), tmp_path / "file.txt" / "sub")
-
-
-def recipe_args(tmp) -> list[str]:
-    """The tiny recipe with its model in `tmp/model` (built there on first use) and short decoding."""
-    return ["recipes/tiny.yaml", f"model.path={tmp}/model", f"train.out_dir={tmp}/train", "generate.max_new_tokens=4",
-            "generate.message_tokens=4", "data.relay.n_train=16", "data.relay.n_test=8"]
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import recipe_args
 from typer.testing import CliRunner
 
 import tflow
@@ -40,11 +41,6 @@ def communicate_or_fail(self, query, *args, **kwargs):
 tflow.team.Team.communicate = communicate_or_fail
 sys.exit(app())
 """
-
-
-def recipe_args(tmp) -> list[str]:
-    return ["recipes/tiny.yaml", f"model.path={tmp}/model", f"train.out_dir={tmp}/train", "generate.max_new_tokens=4",
-            "generate.message_tokens=4", "data.relay.n_train=16", "data.relay.n_test=8"]
 
 
 @pytest.fixture(scope="module")
