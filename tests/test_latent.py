@@ -101,6 +101,18 @@ def test_links_have_the_published_shapes_and_inner_loss_is_zero_at_a_fit():
     assert inner_loss(inner, x, -y, mask).item() > 2.0
 
 
+def test_links_start_at_the_embeddings_scale_and_outer_links_of_one_width_at_the_identity(lively, narrow):
+    links = Links([64, 32], 64).match_embeddings([lively, narrow], lively)
+    rms = [m.get_input_embeddings().weight.pow(2).mean().sqrt().item() for m in (lively, narrow)]
+    assert links.inner[0].norm_out.weight.unique().tolist() == pytest.approx([rms[0]])
+    assert links.inner[1].norm_out.weight.unique().tolist() == pytest.approx([rms[1]])
+    assert links.outer[1].norm_out.weight.unique().tolist() == pytest.approx([rms[0]])
+    assert links.feedback.norm_out.weight.unique().tolist() == pytest.approx([rms[0]])
+    x = torch.randn(2, 3, 64)
+    expected = torch.nn.functional.layer_norm(x, (64,)) * rms[0]
+    assert torch.allclose(links.outer[0](x), expected, atol=1e-5)  # same width: the identity, rescaled
+
+
 def test_bad_inputs_are_one_line_errors(team, lively, tok):
     senders, receiver = team
     with pytest.raises(QueryError, match=r"latent_steps must be an integer >= 0, got -2"):
