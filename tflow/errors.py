@@ -65,3 +65,9 @@ class ServeError(TflowError, ValueError):
 
 class DeviceError(TflowError, ValueError):
     """Processes that cannot run as asked: an unknown strategy, more devices than exist, no node."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0].strip() if text else type(err).__name__

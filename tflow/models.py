@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from tflow import gguf_models
-from tflow.errors import ModelLoadError
+from tflow.errors import ModelLoadError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,9 +51,8 @@ def load_backbone(section, where: str = "model", agent: str | None = None):
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[section.dtype])
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(
-            f"{where}.path: cannot load {path!r}{_of(agent)} ({first}); give a local folder with config.json and "
+            f"{where}.path: cannot load {path!r}{_of(agent)} ({first_line(err)}); give a local folder with config.json and "
             "weights, or a hub id already in the local cache (downloads are off)"
         ) from None
     if not getattr(tokenizer, "chat_template", None):

@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from tflow.errors import DeviceError, TflowError
+from tflow.errors import DeviceError, TflowError, first_line
 from tflow.evaluate import (
     ChannelResult,
     EvalResult,
@@ -117,8 +117,7 @@ def _check_rerunnable() -> None:
 
 def one_line(err: BaseException) -> str:
     """`Type: first line of the message`, for a report or an error that must stay on one line."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0].strip()}" if lines else type(err).__name__
+    return f"{type(err).__name__}: {first_line(err)}" if str(err).strip() else type(err).__name__
 
 
 @dataclass
