@@ -14,6 +14,7 @@ from pathlib import Path
 from tflow.errors import CheckpointError
 from tflow.hypernetwork import Hypernetwork
 from tflow.io import atomic_write_safetensors, atomic_write_text, read_safetensors
+from tflow.spec import architecture
 
 GENERATOR_FILE = "generator.safetensors"
 KV_DIR = "kv"
@@ -84,7 +85,7 @@ def save_links(links, out_dir: str | Path, fingerprint: dict, recipe=None) -> Pa
 def backbone_fingerprint(model) -> dict:
     """What a trained part must match of an agent's backbone: architecture, depth, width, vocabulary."""
     config = model.config
-    return {"architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
+    return {"architecture": architecture(model),
             "num_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
             "vocab_size": config.vocab_size}
 

@@ -80,7 +80,7 @@ class ReceiverSpec:
                 layer range) that exist.
         """
         config = getattr(model, "config", None)
-        arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+        arch = architecture(model)
         family = FAMILIES.get(getattr(config, "model_type", None))
         blocks = decoder_layers(model)
         if targets is None and family is None:
@@ -140,6 +140,11 @@ class ReceiverSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def architecture(model: nn.Module) -> str:
+    """The model's architecture name as its config records it (else its class name)."""
+    return (getattr(getattr(model, "config", None), "architectures", None) or [type(model).__name__])[0]
 
 
 def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
