@@ -16,7 +16,7 @@ spliced into the receiver's prompt. Both are collected once per query (`kv_messa
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -81,13 +81,16 @@ def kv_messages(senders: Sequence[Sender], receiver: Receiver, queries: Sequence
             rows += build_trace(call)[0].rows_kv()
             if "drop-sender" in ablations and len(senders) > 1:
                 for s, name in enumerate(names):
-                    keep = [i for i in range(len(senders)) if i != s]
-                    without = Call([senders[i] for i in keep], receiver, call.queries, call.settings,
-                                   [names[i] for i in keep],
-                                   None if call.contexts is None else [call.contexts[i] for i in keep],
-                                   latent_steps=call.latent_steps, realign=call.realign)
-                    dropped.setdefault(name, []).extend(build_trace(without)[0].rows_kv())
+                    dropped.setdefault(name, []).extend(build_trace(_without(call, s))[0].rows_kv())
     return KVMessages(names, rows, dropped)
+
+
+def _without(call: Call, s: int) -> Call:
+    """`call` with sender s left out (the others keep their names and documents)."""
+    def drop(items):
+        return None if items is None else [x for i, x in enumerate(items) if i != s]
+
+    return replace(call, senders=drop(call.senders), names=drop(call.names), contexts=drop(call.contexts))
 
 
 def latent_messages(senders: Sequence[Sender], receiver: Receiver, queries: Sequence[str],
