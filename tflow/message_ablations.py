@@ -106,7 +106,8 @@ def latent_messages(senders: Sequence[Sender], receiver: Receiver, queries: Sequ
         seen = {name: [[0, 0] for _ in call.queries] for name in [*names, receiver.name]}
         with torch.no_grad():
             parts.append(converse(call, Stages(senders, receiver), seen)[0].cpu())
-    return LatentMessages(tuple(names), torch.cat(parts), settings.get("latent_steps", 10))
+    thoughts = torch.cat(parts)
+    return LatentMessages(tuple(names), thoughts, thoughts.shape[1] // len(senders))
 
 
 def ablate_kv(messages: KVMessages, names: Sequence[str], *, seed: int = 0) -> dict[str, list[KVRow]]:
