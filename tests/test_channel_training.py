@@ -112,3 +112,50 @@ def test_eval_refuses_a_channel_the_folder_lacks_and_labels_untrained_kv(trained
     run = cli("eval", RECIPE, *sets, "--channels", "none,kv", "--out", tmp_path, "--no-progress")
     assert run.returncode == 0, run.stderr
     assert "kv (LatentMAS)" in run.stdout and "kv (LatentMAS)" in (tmp_path / "report.md").read_text()
+
+
+def test_the_answer_objective_teaches_the_inner_link_the_answer_after_the_prompt(tmp_path):
+    from tflow.channel_training import LatentModule
+    from tflow.channels.links import inner_loss
+    from tflow.data import load_splits
+    from tflow.encoding import token_ids
+
+    rec = recipe(tmp_path, "train.channel=latent", "latent.inner_text=answer")
+    team = tflow.load(rec)
+    module = LatentModule(team, load_splits(rec))
+    sender, tok = team.senders[0], team.senders[0].tokenizer
+    prompt, target = sender.prompt("What is the secret code of Lisbon?", "The secret code of Lisbon is 482."), "482"
+    ids = token_ids(tok, [prompt])[0]
+    answer = token_ids(tok, [target])[0] + [tok.eos_token_id]
+    with torch.no_grad():
+        full = torch.tensor([ids + answer])
+        hidden = sender.model.base_model(input_ids=full).last_hidden_state
+        embeds = sender.model.get_input_embeddings()(full)
+    span = torch.zeros(1, full.shape[1] - 1, dtype=torch.bool)
+    span[0, len(ids) - 1:] = True  # the prompt's last position predicts the answer's first token
+    expected = inner_loss(team.receiver.links.inner[0], hidden[:, :-1], embeds[:, 1:], span)
+    link = team.receiver.links.inner[0]
+    got = module._answer_inner_loss(link, sender, [prompt], [target])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # With a shorter batch-mate (left padding), the row's loss stays its own.
+    pair = module._answer_inner_loss(link, sender, [prompt, sender.prompt("Hi")], [target, target])
+    alone = module._answer_inner_loss(link, sender, [sender.prompt("Hi")], [target])
+    assert abs(pair.item() - (got.item() + alone.item()) / 2) < 1e-4
+
+
+def test_latent_training_learns_with_the_answer_objective(tmp_path):
+    result = train(recipe(tmp_path, "train.channel=latent", "latent.inner_text=answer"), progress=False)
+    losses = val_losses(tmp_path / "out" / "latent-run" / "metrics.csv")
+    assert result.global_step == 15 and losses[-1] < losses[0] - 0.05, losses
+
+
+def test_two_round_training_trains_the_feedback_link_and_the_receivers_inner_link(tmp_path):
+    rec = recipe(tmp_path, "train.channel=latent", "latent.rounds=2")
+    fresh = tflow.load(rec).receiver.links
+    result = train(rec, progress=False)
+    links = result.team.receiver.links
+    for part in ("feedback", "receiver_inner"):
+        before, after = getattr(fresh, part).state_dict(), getattr(links, part).state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in before), part
+    losses = val_losses(tmp_path / "out" / "latent-run" / "metrics.csv")
+    assert losses[-1] < losses[0] - 0.05, losses

@@ -73,7 +73,9 @@ def test_the_ledger_counts_every_pass_and_the_vectors_sent(team, tok):
     steps, q = 4, QUERIES[0]
     one = communicate(senders, receiver, q, channel="latent", latent_steps=steps, max_new_tokens=3)
     prompts = [len(token_ids(tok, [s.prompt(q)])[0]) for s in senders]
-    receiver_tokens = sum(map(len, token_ids(tok, receiver_turn(receiver, q).rsplit(SLOT, 1))))
+    turn = receiver_turn(receiver, q, [s.name for s in senders])
+    assert turn.count(SLOT) == len(senders)  # each sender's thoughts where its text message would be
+    receiver_tokens = sum(map(len, token_ids(tok, turn.split(SLOT))))
     for sender, n in zip(senders, prompts, strict=True):
         usage = one.usage.by_agent[sender.name]
         assert (usage.prompt_tokens, usage.generated_tokens, usage.latent_positions) == (n, 0, steps - 1)

@@ -5,8 +5,9 @@ receiver reads its prompt and the gold answer on it with its LoRA patched in, cr
 the answer tokens. latent (RecursiveMAS): the senders' thoughts are rolled out without gradient;
 the OuterLinks learn from the receiver's cross-entropy on the answer with the thoughts spliced
 into its prompt, and each sender's InnerLink learns to map its prompt's hidden state t to the
-input embedding of token t + 1 ((1 - cos) + 0.1 MSE). The receiver's InnerLink and the feedback
-OuterLink (used with rounds > 1) are not trained here: training runs one round.
+input embedding of token t + 1 ((1 - cos) + 0.1 MSE). With rounds > 1, training runs every round
+as the channel does: the receiver's InnerLink learns the same objective on its own prompts, and
+the feedback OuterLink learns from the cross-entropy through the first sender's second rollout.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor
 from tflow import checkpoint
 from tflow.channels import sender_names
 from tflow.channels.kv import build_trace
-from tflow.channels.latent import receiver_turn, rollout, spliced
+from tflow.channels.latent import receiver_turn, rollout, sender_turn, spliced
 from tflow.channels.links import inner_loss
 from tflow.channels.registry import Call
 from tflow.data import teacher_forced_ids
@@ -83,7 +84,8 @@ class KVModule(_Examples):
 
 
 class LatentModule(_Examples):
-    """The latent channel: the senders' InnerLinks and OuterLinks (`links`) are trained."""
+    """The latent channel: the links (`links`) are trained; with `rounds` > 1 the receiver's
+    InnerLink and the feedback OuterLink too."""
 
     def __init__(self, team, splits):
         super().__init__(team, splits)
@@ -98,19 +100,67 @@ class LatentModule(_Examples):
         receiver, tok = team.receiver, team.receiver.tokenizer
         queries, contexts, targets = self.batch_parts(examples)
         thoughts, inner = [], []
+        answers = [ids + [tok.eos_token_id] for ids in token_ids(tok, targets)]
         for s, sender in enumerate(team.senders):
             texts = [sender.prompt(q, contexts[s][i]) for i, q in enumerate(queries)]
             with torch.no_grad():
                 done = rollout(sender.model, sender.tokenizer, texts, self.links.inner[s], latent.latent_steps)
-            real = done.mask.bool()
-            inner.append(inner_loss(self.links.inner[s], done.hidden[:, :-1], done.embeds[:, 1:],
-                                    real[:, :-1] & real[:, 1:]))
+            if latent.inner_text == "answer":
+                inner.append(self._answer_inner_loss(self.links.inner[s], sender, texts, targets))
+            else:
+                real = done.mask.bool()
+                inner.append(inner_loss(self.links.inner[s], done.hidden[:, :-1], done.embeds[:, 1:],
+                                        real[:, :-1] & real[:, 1:]))
             thoughts.append(self.links.outer[s](done.thoughts))
-        answers = [ids + [tok.eos_token_id] for ids in token_ids(tok, targets)]
-        embeds, mask, _ = spliced(receiver.model, tok, [receiver_turn(receiver, q) for q in queries],
-                                  torch.cat(thoughts, dim=1), tails=answers)
+        names = sender_names(team.senders, receiver)
+        turns = [receiver_turn(receiver, q, names) for q in queries]
+        if latent.rounds > 1:
+            inner.append(self._receiver_inner_loss(queries, targets))
+        for _ in range(latent.rounds - 1):
+            thoughts[0] = self._fed_back(queries, contexts[0], turns, torch.cat(thoughts, dim=1))
+        embeds, mask, _ = spliced(receiver.model, tok, turns, torch.cat(thoughts, dim=1), tails=answers)
         labels = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)
         for i, ids in enumerate(answers):
             labels[i, mask.shape[1] - len(ids):] = torch.tensor(ids, device=mask.device)
         logits = Trace(receiver.model, len(queries)).append_embeds(embeds, mask, full=True).logits
         return answer_loss(logits, labels) + latent.inner_weight * torch.stack(inner).mean()
+
+    def _fed_back(self, queries, contexts, turns, message: Tensor) -> Tensor:
+        """One more round, as `tflow.channels.latent.converse` runs it: the receiver's own thoughts
+        on `message` (without gradient) go through the feedback OuterLink into the first sender's
+        turn, whose new thoughts, through its OuterLink, are returned. The gradient reaches the
+        feedback link through the frozen first sender's rollout."""
+        team, latent = self.team, self.team.recipe.latent
+        receiver, first = team.receiver, team.senders[0]
+        with torch.no_grad():
+            own = rollout(receiver.model, receiver.tokenizer, turns, self.links.receiver_inner, latent.latent_steps,
+                          message.detach())
+        feedback = self.links.feedback(own.thoughts)
+        texts = [sender_turn(first, q, contexts[i], True, receiver.name) for i, q in enumerate(queries)]
+        again = rollout(first.model, first.tokenizer, texts, self.links.inner[0], latent.latent_steps, feedback)
+        return self.links.outer[0](again.thoughts)
+
+    def _receiver_inner_loss(self, queries, targets) -> Tensor:
+        """The receiver's InnerLink loss, on its own prompts (without thoughts) by `latent.inner_text`."""
+        receiver, latent = self.team.receiver, self.team.recipe.latent
+        texts = [receiver.prompt(q) for q in queries]
+        if latent.inner_text == "answer":
+            return self._answer_inner_loss(self.links.receiver_inner, receiver, texts, targets)
+        with torch.no_grad():
+            embeds, mask, _ = spliced(receiver.model, receiver.tokenizer, texts, None)
+            hidden = Trace(receiver.model, len(texts)).append_embeds(embeds, mask).last_hidden_state
+        real = mask.bool()
+        return inner_loss(self.links.receiver_inner, hidden[:, :-1], embeds[:, 1:], real[:, :-1] & real[:, 1:])
+
+    def _answer_inner_loss(self, link, agent, texts: list[str], targets: list[str]) -> Tensor:
+        """`link`'s loss on `agent`'s prompts continued by the gold answers (and EOS): at the
+        prompt's last position and every answer position, against the next token's embedding."""
+        tok = agent.tokenizer
+        tails = [ids + [tok.eos_token_id] for ids in token_ids(tok, targets)]
+        with torch.no_grad():
+            embeds, mask, _ = spliced(agent.model, tok, texts, None, tails=tails)
+            hidden = Trace(agent.model, len(texts)).append_embeds(embeds, mask).last_hidden_state
+        width = mask.shape[1]
+        columns = torch.arange(width - 1, device=mask.device)
+        span = torch.stack([columns >= width - 1 - len(t) for t in tails])  # the last prompt token on
+        return inner_loss(link, hidden[:, :-1], embeds[:, 1:], span)

@@ -258,6 +258,11 @@ class LatentSection(_Section):
     inner_weight: float = Field(1.0, ge=0)
     """Weight of the InnerLinks' loss, (1 - cos) + 0.1 MSE against the next token's embedding,
     beside the receiver's cross-entropy that trains the OuterLinks."""
+    inner_text: Literal["prompt", "answer"] = "prompt"
+    """The text an InnerLink learns on: `prompt`, each position of the sender's own prompt
+    (RecursiveMAS's next-embedding objective on text); `answer`, the sender's prompt continued by
+    the gold answer, from the prompt's last position on: the regime a rollout runs in, where thought
+    t stands in for the t-th token the sender would say."""
 
 
 class FusionSection(_Section):

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tflow.channels.ledger import Stages, agent_usage
 from tflow.channels.links import accepts_embeddings, embed
 from tflow.channels.registry import Call, register
+from tflow.channels.text import text_turn
 from tflow.encoding import token_ids
 from tflow.errors import ChannelError
 from tflow.generation import generate_ids
@@ -60,7 +61,7 @@ def run(call: Call) -> list[Reply]:
         else:  # thoughts made earlier (ablations): the senders do not run
             message = call.message.to(next(receiver.model.parameters()).device)
             sent = [message.shape[1] * message.shape[-1]] * q_count
-        texts = [receiver_turn(receiver, q) for q in call.queries]
+        texts = [receiver_turn(receiver, q, call.names) for q in call.queries]
         with stages("receiver"):
             embeds, mask, counts = spliced(receiver.model, receiver.tokenizer, texts, message, keep_last=False)
             trace = Trace(receiver.model, q_count)
@@ -94,7 +95,7 @@ def converse(call: Call, stages: Stages, seen: dict[str, list[list[int]]]) -> tu
     for r in range(call.rounds):
         if r:  # the receiver's own thoughts on the last message go back to the first sender
             with stages("receiver"):
-                texts = [receiver_turn(receiver, q) for q in call.queries]
+                texts = [receiver_turn(receiver, q, call.names) for q in call.queries]
                 own = rollout(receiver.model, receiver.tokenizer, texts, links.receiver_inner, steps, message)
                 _count(seen[receiver.name], own.counts, steps - 1 if steps else 0)
             feedback = links.feedback(own.thoughts)
@@ -129,30 +130,34 @@ def sender_turn(sender, query: str, context: str | None, with_feedback: bool, re
     return sender.prompt(f"{query}\n\nLatent thoughts from {receiver}: {SLOT}", context)
 
 
-def receiver_turn(receiver, query: str) -> str:
-    """The receiver's chat text with the senders' thoughts at a slot after the query."""
-    return receiver.prompt(f"{query}\n\nLatent thoughts from your team: {SLOT}")
+def receiver_turn(receiver, query: str, names: Sequence[str]) -> str:
+    """The receiver's chat text: the text channel's turn (`text_turn`) with each sender's thoughts at
+    a slot where that sender's message would be, so the receiver reads them where it reads notes."""
+    return receiver.prompt(text_turn(query, dict.fromkeys(names, SLOT)))
 
 
 def spliced(model: nn.Module, tokenizer, texts: Sequence[str], vectors: Tensor | None, *, keep_last: bool = True,
             tails: Sequence[Sequence[int]] | None = None) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
-    """Left-padded input embeddings of `texts`, `vectors` [N, k, H] in place of each text's slot.
+    """Left-padded input embeddings of `texts`, `vectors` [N, k, H] in place of each text's slots.
 
-    A text without a slot (vectors None) is embedded whole. Without `keep_last`, each row's last
+    A text with m slots gets the m equal blocks of its row of `vectors`, in order, one per slot;
+    a text without a slot (vectors None) is embedded whole. Without `keep_last`, each row's last
     token is left out (generation reads it). `tails[i]`, when given, are token ids appended to
     row i (teacher forcing). Returns embeds [N, W, H], mask [N, W] long and per row (text tokens,
     spliced vectors); the tails are not counted.
     """
     rows, counts = [], []
     for i, text in enumerate(texts):
-        pieces = text.rsplit(SLOT, 1) if vectors is not None else [text]
+        pieces = text.split(SLOT) if vectors is not None else [text]
         ids = token_ids(tokenizer, pieces)
         counts.append((sum(map(len, ids)), vectors.shape[1] if vectors is not None else 0))
         if not keep_last:
             ids[-1] = ids[-1][:-1]
         parts = [embed(model, ids[0])]
         if vectors is not None:
-            parts += [vectors[i].to(parts[0].dtype), embed(model, ids[1])]
+            size = vectors.shape[1] // (len(pieces) - 1)
+            for j, piece in enumerate(ids[1:]):
+                parts += [vectors[i, j * size:(j + 1) * size].to(parts[0].dtype), embed(model, piece)]
         if tails is not None:
             parts.append(embed(model, tails[i]))
         rows.append(torch.cat(parts))
