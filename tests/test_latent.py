@@ -128,3 +128,14 @@ def test_bad_inputs_are_one_line_errors(team, lively, tok):
     blind.get_input_embeddings = lambda: None
     with pytest.raises(ChannelError, match=r"strategist's backbone \(Qwen3ForCausalLM\) gives none"):
         communicate([Sender(blind, tok, "You read.", name="strategist")], receiver, "Hi", channel="latent")
+
+
+def test_a_slot_marker_typed_into_a_query_stays_text(team, tok):
+    senders, receiver = team
+    q = f"What does {SLOT} mean?"
+    one = communicate(senders, receiver, q, channel="latent", latent_steps=2, max_new_tokens=3)
+    turn = receiver_turn(receiver, q, [s.name for s in senders])
+    pieces = turn.rsplit(SLOT, len(senders))
+    assert SLOT in pieces[0]  # the query's own marker
+    executor = one.usage.by_agent["executor"]
+    assert (executor.prompt_tokens, executor.latent_positions) == (sum(map(len, token_ids(tok, pieces))), 2 * 2)

@@ -118,7 +118,8 @@ class LatentModule(_Examples):
             inner.append(self._receiver_inner_loss(queries, targets))
         for _ in range(latent.rounds - 1):
             thoughts[0] = self._fed_back(queries, contexts[0], turns, torch.cat(thoughts, dim=1))
-        embeds, mask, _ = spliced(receiver.model, tok, turns, torch.cat(thoughts, dim=1), tails=answers)
+        embeds, mask, _ = spliced(receiver.model, tok, turns, torch.cat(thoughts, dim=1), tails=answers,
+                                  slots=len(names))
         labels = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)
         for i, ids in enumerate(answers):
             labels[i, mask.shape[1] - len(ids):] = torch.tensor(ids, device=mask.device)
@@ -134,7 +135,7 @@ class LatentModule(_Examples):
         receiver, first = team.receiver, team.senders[0]
         with torch.no_grad():
             own = rollout(receiver.model, receiver.tokenizer, turns, self.links.receiver_inner, latent.latent_steps,
-                          message.detach())
+                          message.detach(), slots=len(team.senders))
         feedback = self.links.feedback(own.thoughts)
         texts = [sender_turn(first, q, contexts[i], True, receiver.name) for i, q in enumerate(queries)]
         again = rollout(first.model, first.tokenizer, texts, self.links.inner[0], latent.latent_steps, feedback)

@@ -63,7 +63,8 @@ def run(call: Call) -> list[Reply]:
             sent = [message.shape[1] * message.shape[-1]] * q_count
         texts = [receiver_turn(receiver, q, call.names) for q in call.queries]
         with stages("receiver"):
-            embeds, mask, counts = spliced(receiver.model, receiver.tokenizer, texts, message, keep_last=False)
+            embeds, mask, counts = spliced(receiver.model, receiver.tokenizer, texts, message, keep_last=False,
+                                           slots=len(call.names))
             trace = Trace(receiver.model, q_count)
             trace.append_embeds(embeds, mask)
             last = [[ids[-1]] for ids in token_ids(receiver.tokenizer, [t.rsplit(SLOT, 1)[1] for t in texts])]
@@ -96,7 +97,8 @@ def converse(call: Call, stages: Stages, seen: dict[str, list[list[int]]]) -> tu
         if r:  # the receiver's own thoughts on the last message go back to the first sender
             with stages("receiver"):
                 texts = [receiver_turn(receiver, q, call.names) for q in call.queries]
-                own = rollout(receiver.model, receiver.tokenizer, texts, links.receiver_inner, steps, message)
+                own = rollout(receiver.model, receiver.tokenizer, texts, links.receiver_inner, steps, message,
+                              slots=len(call.names))
                 _count(seen[receiver.name], own.counts, steps - 1 if steps else 0)
             feedback = links.feedback(own.thoughts)
             sent = [n + feedback.shape[1] * feedback.shape[-1] for n in sent]
@@ -137,18 +139,19 @@ def receiver_turn(receiver, query: str, names: Sequence[str]) -> str:
 
 
 def spliced(model: nn.Module, tokenizer, texts: Sequence[str], vectors: Tensor | None, *, keep_last: bool = True,
-            tails: Sequence[Sequence[int]] | None = None) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
+            tails: Sequence[Sequence[int]] | None = None, slots: int = 1) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
     """Left-padded input embeddings of `texts`, `vectors` [N, k, H] in place of each text's slots.
 
-    A text with m slots gets the m equal blocks of its row of `vectors`, in order, one per slot;
-    a text without a slot (vectors None) is embedded whole. Without `keep_last`, each row's last
+    Each text's last `slots` slots get the equal blocks of its row of `vectors`, in order, one per
+    slot (a slot marker typed into a query, earlier in the text, stays text); a text without a slot
+    (vectors None) is embedded whole. Without `keep_last`, each row's last
     token is left out (generation reads it). `tails[i]`, when given, are token ids appended to
     row i (teacher forcing). Returns embeds [N, W, H], mask [N, W] long and per row (text tokens,
     spliced vectors); the tails are not counted.
     """
     rows, counts = [], []
     for i, text in enumerate(texts):
-        pieces = text.split(SLOT) if vectors is not None else [text]
+        pieces = text.rsplit(SLOT, slots) if vectors is not None else [text]
         ids = token_ids(tokenizer, pieces)
         counts.append((sum(map(len, ids)), vectors.shape[1] if vectors is not None else 0))
         if not keep_last:
@@ -182,11 +185,11 @@ class Rollout(NamedTuple):
 
 
 def rollout(model: nn.Module, tokenizer, texts: Sequence[str], inner: nn.Module, steps: int,
-            vectors: Tensor | None = None) -> Rollout:
+            vectors: Tensor | None = None, slots: int = 1) -> Rollout:
     """`steps` latent thoughts of `model` after reading `texts` (with `vectors` at their slot):
     thought t is inner(h_t), and is fed as the next input embedding, the last one excepted
     (nothing reads its output)."""
-    embeds, mask, counts = spliced(model, tokenizer, texts, vectors)
+    embeds, mask, counts = spliced(model, tokenizer, texts, vectors, slots=slots)
     trace = Trace(model, len(texts))
     prompt = trace.append_embeds(embeds, mask).last_hidden_state
     h = last_real(prompt)
