@@ -135,11 +135,11 @@ def test_the_answer_objective_teaches_the_inner_link_the_answer_after_the_prompt
     span[0, len(ids) - 1:] = True  # the prompt's last position predicts the answer's first token
     expected = inner_loss(team.receiver.links.inner[0], hidden[:, :-1], embeds[:, 1:], span)
     link = team.receiver.links.inner[0]
-    got = module._answer_inner_loss(link, sender, [prompt], [target])
+    got = module._text_inner_loss(link, sender, [prompt], [target])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # With a shorter batch-mate (left padding), the row's loss stays its own.
-    pair = module._answer_inner_loss(link, sender, [prompt, sender.prompt("Hi")], [target, target])
-    alone = module._answer_inner_loss(link, sender, [sender.prompt("Hi")], [target])
+    pair = module._text_inner_loss(link, sender, [prompt, sender.prompt("Hi")], [target, target])
+    alone = module._text_inner_loss(link, sender, [sender.prompt("Hi")], [target])
     assert abs(pair.item() - (got.item() + alone.item()) / 2) < 1e-4
 
 

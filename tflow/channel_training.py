@@ -106,7 +106,7 @@ class LatentModule(_Examples):
             with torch.no_grad():
                 done = rollout(sender.model, sender.tokenizer, texts, self.links.inner[s], latent.latent_steps)
             if latent.inner_text == "answer":
-                inner.append(self._answer_inner_loss(self.links.inner[s], sender, texts, targets))
+                inner.append(self._text_inner_loss(self.links.inner[s], sender, texts, targets))
             else:
                 real = done.mask.bool()
                 inner.append(inner_loss(self.links.inner[s], done.hidden[:, :-1], done.embeds[:, 1:],
@@ -143,25 +143,21 @@ class LatentModule(_Examples):
 
     def _receiver_inner_loss(self, queries, targets) -> Tensor:
         """The receiver's InnerLink loss, on its own prompts (without thoughts) by `latent.inner_text`."""
-        receiver, latent = self.team.receiver, self.team.recipe.latent
-        texts = [receiver.prompt(q) for q in queries]
-        if latent.inner_text == "answer":
-            return self._answer_inner_loss(self.links.receiver_inner, receiver, texts, targets)
-        with torch.no_grad():
-            embeds, mask, _ = spliced(receiver.model, receiver.tokenizer, texts, None)
-            hidden = Trace(receiver.model, len(texts)).append_embeds(embeds, mask).last_hidden_state
-        real = mask.bool()
-        return inner_loss(self.links.receiver_inner, hidden[:, :-1], embeds[:, 1:], real[:, :-1] & real[:, 1:])
+        receiver = self.team.receiver
+        answers = targets if self.team.recipe.latent.inner_text == "answer" else None
+        return self._text_inner_loss(self.links.receiver_inner, receiver, [receiver.prompt(q) for q in queries], answers)
 
-    def _answer_inner_loss(self, link, agent, texts: list[str], targets: list[str]) -> Tensor:
-        """`link`'s loss on `agent`'s prompts continued by the gold answers (and EOS): at the
-        prompt's last position and every answer position, against the next token's embedding."""
+    def _text_inner_loss(self, link, agent, texts: list[str], targets: list[str] | None) -> Tensor:
+        """`link`'s loss against the next token's embedding on `agent`'s prompts: at every position,
+        or, given `targets`, on the prompts continued by them (and EOS), from the prompt's last position on."""
         tok = agent.tokenizer
-        tails = [ids + [tok.eos_token_id] for ids in token_ids(tok, targets)]
+        tails = None if targets is None else [ids + [tok.eos_token_id] for ids in token_ids(tok, targets)]
         with torch.no_grad():
             embeds, mask, _ = spliced(agent.model, tok, texts, None, tails=tails)
             hidden = Trace(agent.model, len(texts)).append_embeds(embeds, mask).last_hidden_state
-        width = mask.shape[1]
-        columns = torch.arange(width - 1, device=mask.device)
-        span = torch.stack([columns >= width - 1 - len(t) for t in tails])  # the last prompt token on
+        real = mask.bool()
+        span = real[:, :-1] & real[:, 1:]
+        if tails is not None:
+            columns = torch.arange(mask.shape[1] - 1, device=mask.device)
+            span &= torch.stack([columns >= mask.shape[1] - 1 - len(t) for t in tails])  # the last prompt token on
         return inner_loss(link, hidden[:, :-1], embeds[:, 1:], span)
