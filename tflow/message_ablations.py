@@ -23,6 +23,7 @@ from torch import Tensor
 
 from tflow.agents import Receiver, Sender
 from tflow.channels import sender_names
+from tflow.channels.dispatch import by_sender
 from tflow.channels.kv import build_trace
 from tflow.channels.latent import converse
 from tflow.channels.ledger import Stages
@@ -59,9 +60,7 @@ def _calls(senders: Sequence[Sender], receiver: Receiver, queries: Sequence[str]
     names = sender_names(senders, receiver)
     for start in range(0, len(queries), batch_size):
         batch = list(queries[start:start + batch_size])
-        per_sender = None
-        if contexts is not None:
-            per_sender = [[(c or {}).get(name) for c in contexts[start:start + batch_size]] for name in names]
+        per_sender = by_sender(contexts[start:start + batch_size] if contexts is not None else None, names)
         yield Call(senders, receiver, batch, GenerationSettings(), names, per_sender, **settings)
 
 

@@ -88,7 +88,7 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
     settings = GenerationSettings(max(budgets), do_sample, temperature, top_p, num_beams)
     names = sender_names(senders, receiver)
     contexts = _contexts(contexts, queries, names, isinstance(query, str))
-    per_sender = [[c.get(name) for c in contexts] for name in names] if contexts is not None else None
+    per_sender = by_sender(contexts, names)
     call = Call(senders, receiver, queries, settings, names, per_sender,
                 {"budgets": budgets if len(set(budgets)) > 1 else None, "stream": stream},
                 message_tokens, delta, message, latent_steps, rounds, realign)
@@ -136,6 +136,12 @@ def _budgets(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
     if bad:
         raise QueryError(f"max_new_tokens must be > 0, got {bad[0]}")
     return budgets
+
+
+def by_sender(contexts: Sequence[Mapping[str, str] | None] | None, names: Sequence[str]) -> list[list[str | None]] | None:
+    """One mapping per query (sender name -> document) turned into `Call.contexts`: per sender, per
+    query, that sender's document (None where the query gives it none)."""
+    return None if contexts is None else [[(c or {}).get(name) for c in contexts] for name in names]
 
 
 def sender_names(senders: Sequence[Sender], receiver: Receiver) -> list[str]:
