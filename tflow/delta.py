@@ -14,6 +14,16 @@ from tflow.errors import CheckpointError, DeltaError
 from tflow.io import atomic_write_safetensors, read_safetensors
 
 
+def pad_right(t: Tensor, width: int, dim: int) -> Tensor:
+    """`t` zero-padded at the end of `dim` to length `width`."""
+    extra = width - t.shape[dim]
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
 def linear_module(modules: dict[str, nn.Module], name: str) -> nn.Linear:
     """The nn.Linear a delta names, from `dict(model.named_modules())`.
 
@@ -212,7 +222,10 @@ class LoRADelta(FrobeniusNorms):
 
     @staticmethod
     def stack_rows(deltas: Sequence[LoRADelta]) -> LoRADelta:
-        """One delta whose rows are the rows of `deltas`, in order (same modules, ranks and scale).
+        """One delta whose rows are the rows of `deltas`, in order (same modules and scale).
+
+        A module whose rank differs between the deltas (a copy head's rank is its batch's sender
+        length) is zero-padded to the largest: a zero rank adds exactly nothing.
 
         Raises:
             DeltaError: no deltas, or deltas that differ in modules or scale.
@@ -222,9 +235,12 @@ class LoRADelta(FrobeniusNorms):
         first = deltas[0]
         if any(d.factors.keys() != first.factors.keys() or d.scale != first.scale for d in deltas):
             raise DeltaError("stack_rows needs deltas of the same modules and scale")
-        return LoRADelta({name: (torch.cat([d.factors[name][0] for d in deltas]),
-                                 torch.cat([d.factors[name][1] for d in deltas])) for name in first.factors},
-                         first.scale)
+        factors = {}
+        for name in first.factors:
+            rank = max(d.factors[name][0].shape[1] for d in deltas)
+            factors[name] = (torch.cat([pad_right(d.factors[name][0], rank, 1) for d in deltas]),
+                             torch.cat([pad_right(d.factors[name][1], rank, 2) for d in deltas]))
+        return LoRADelta(factors, first.scale)
 
     def save(self, path: str | Path) -> None:
         """Write the delta to a safetensors file atomically."""

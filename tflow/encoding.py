@@ -46,7 +46,8 @@ class SenderStates:
     hiddens[g]: [layers_g + 1, S_g * Q, T_g, H_g] (embeddings, then each decoder layer) of the S_g
     senders of group g, member-major (the group's j-th sender's query q is row j * Q + q), padded
     positions zero; masks[g]: [S_g * Q, T_g] bool, True on real tokens; groups[s]: sender s's group
-    (`backbone_groups`); prompt_tokens: [S * Q] real tokens per row, sender-major (row s * Q + q).
+    (`backbone_groups`); prompt_tokens: [S * Q] real tokens per row, sender-major (row s * Q + q);
+    ids[g]: [S_g * Q, T_g] the token ids behind hiddens[g] (the pad id where masks[g] is False).
     """
 
     hiddens: tuple[Tensor, ...]
@@ -55,6 +56,7 @@ class SenderStates:
     prompt_tokens: Tensor
     num_senders: int
     num_queries: int
+    ids: tuple[Tensor, ...] = ()
 
     @property
     def hidden(self) -> Tensor:
@@ -94,7 +96,7 @@ def encode(senders: Sequence[Sender], queries: Sequence[str],
     (tflow.prefix); only the rest of each prompt runs, unless the backbone is training or patched.
     """
     groups = backbone_groups(senders)
-    hiddens, masks = [], []
+    hiddens, masks, ids = [], [], []
     for g in range(max(groups) + 1):
         members = [i for i, group in enumerate(groups) if group == g]
         model, tokenizer = senders[members[0]].model, senders[members[0]].tokenizer
@@ -102,18 +104,19 @@ def encode(senders: Sequence[Sender], queries: Sequence[str],
                  for i in members for j, q in enumerate(queries)]
         seqs = token_ids(tokenizer, texts)
         if reuse_prefixes and _caches_prefixes(model):
-            kept = prefixes(model, [tuple(ids) for ids in token_ids(tokenizer, [prefix_text(senders[i]) for i in members])])
+            kept = prefixes(model, [tuple(p) for p in token_ids(tokenizer, [prefix_text(senders[i]) for i in members])])
             hidden, mask = _forward_after(model, seqs, [p for p in kept for _ in queries], tokenizer.pad_token_id)
         else:
             hidden, mask = _forward(model, seqs, tokenizer.pad_token_id)
         hiddens.append(hidden)
         masks.append(mask)
+        ids.append(pad_batch(seqs, tokenizer.pad_token_id, "right", mask.device)[0])
     if len(masks) == 1:
         tokens = masks[0].sum(-1)
     else:  # sender-major, gathered from each sender's block (backbones may sit on different devices)
         blocks = [sender_rows(groups, s, len(queries)) for s in range(len(senders))]
         tokens = torch.cat([masks[g][rows].sum(-1).cpu() for g, rows in blocks])
-    return SenderStates(tuple(hiddens), tuple(masks), tuple(groups), tokens, len(senders), len(queries))
+    return SenderStates(tuple(hiddens), tuple(masks), tuple(groups), tokens, len(senders), len(queries), tuple(ids))
 
 
 def sender_rows(groups: Sequence[int], sender: int, num_queries: int) -> tuple[int, slice]:
@@ -176,13 +179,3 @@ def _forward_after(model: nn.Module, seqs: list[list[int]], prefixes: list[Prefi
         hidden[:, at, k:k + width] = tail[:, at]
     _, mask = pad_batch(seqs, pad_id, "right", device)
     return hidden[:, :, :mask.shape[1]].masked_fill(~mask[None, :, :, None], 0.0), mask
-
-
-def pad_right(t: Tensor, width: int, dim: int) -> Tensor:
-    """`t` zero-padded at the end of `dim` to length `width`."""
-    extra = width - t.shape[dim]
-    if extra == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = extra
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)

@@ -4,11 +4,15 @@ The adapter holds `base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B
 for every targeted module. The delta's scale and the fusion gates are folded into B (the gates
 already are, by rank concatenation) and `lora_alpha` = r, so the adapter's own scaling is 1:
 one scale for the whole adapter, as vLLM applies it. peft then computes exactly W x + B (A x).
+A module whose rank differs from the rest (the copy head's LM head, rank = the senders' length)
+gets its own rank and alpha in peft's `rank_pattern` and `alpha_pattern`.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -48,8 +52,11 @@ def base_model_name(model) -> str | None:
     return getattr(model.config, "name_or_path", None) or None
 
 
-def peft_config(base_model: str | None, rank: int, alpha: float, modules) -> dict:
-    """peft's adapter_config.json of a LoRA of `rank` and `alpha` on `modules` (full names)."""
+def peft_config(base_model: str | None, rank: int, alpha: float, modules, others: Mapping[str, int] | None = None
+                ) -> dict:
+    """peft's adapter_config.json of a LoRA of `rank` and `alpha` on `modules` (full names); the
+    modules in `others` have their own rank there, with alpha equal to it."""
+    patterns = {re.escape(name): r for name, r in (others or {}).items()}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -64,6 +71,8 @@ def peft_config(base_model: str | None, rank: int, alpha: float, modules) -> dic
         "fan_in_fan_out": False,
         "lora_dropout": 0.0,
         "inference_mode": True,
+        "rank_pattern": patterns,
+        "alpha_pattern": dict(patterns),
     }
 
 
@@ -76,15 +85,14 @@ def export_adapter(team, query: str, out: str | Path, contexts: Mapping[str, str
     """
     out = writable_dir(out)
     delta = query_delta(team, query, contexts).lora()  # a basis delta: A = U, B = V M, rank K
-    ranks = {a.shape[1] for a, _ in delta.factors.values()}
-    if len(ranks) != 1:
-        raise DeltaError(f"modules disagree on rank ({sorted(ranks)}); a PEFT adapter needs one rank")
-    rank = ranks.pop()
+    ranks = {name: a.shape[1] for name, (a, _) in delta.factors.items()}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
     tensors = {}
     for name, (a, b) in delta.factors.items():
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a[0].contiguous()
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = (b[0] * delta.scale).contiguous()
-    config = peft_config(base_model_name(team.receiver.model), rank, rank, sorted(delta.factors))
+    config = peft_config(base_model_name(team.receiver.model), rank, rank, sorted(delta.factors),
+                         {name: r for name, r in ranks.items() if r != rank})
     atomic_write_safetensors(tensors, out / ADAPTER_WEIGHTS, {"format": "pt"})
     atomic_write_text(out / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
     return out

@@ -9,7 +9,9 @@ from torch import Tensor, nn
 
 import generators
 from tflow.conditioning import LayerAggregation
-from tflow.encoding import SenderStates, pad_right
+from tflow.copy_head import CopyHead
+from tflow.delta import LoRADelta, pad_right
+from tflow.encoding import SenderStates
 from tflow.errors import ModelLoadError
 from tflow.fusion import Delta, Fusion, fuse
 from tflow.spec import ReceiverSpec
@@ -29,11 +31,15 @@ class Hypernetwork(nn.Module):
     group narrower than the widest into the widest width, which the generator reads. One backbone
     keeps one `aggregation` and no projection. `senders` (each sender's name and backbone
     fingerprint, `checkpoint.backbone_fingerprint`) is recorded in checkpoints and checked on load.
+    `copy` (the receiver's LM head: module name, in and out features) adds a `CopyHead` whose
+    factors join every sender's delta; it needs senders on one backbone that tokenizes like the
+    receiver (`team.build_hypernetwork` checks that).
     """
 
     def __init__(self, spec: ReceiverSpec, generator: Mapping, num_senders: int, sender_layers: int | Sequence[int],
                  sender_hidden: int | Sequence[int], gate_init: float = 1.0, max_delta_norm: float | None = None, *,
-                 groups: Sequence[int] | None = None, senders: Sequence[Mapping] | None = None):
+                 groups: Sequence[int] | None = None, senders: Sequence[Mapping] | None = None,
+                 copy: tuple[str, int, int] | None = None):
         super().__init__()
         layers = [sender_layers] if isinstance(sender_layers, int) else list(sender_layers)
         hidden = [sender_hidden] if isinstance(sender_hidden, int) else list(sender_hidden)
@@ -58,6 +64,13 @@ class Hypernetwork(nn.Module):
         self.generator = generators.build(dict(generator), spec, self.width)
         self.fusion = Fusion(num_senders, gate_init)
         self.config.update(generator=self.generator.config, gate_init=gate_init)
+        self.copy = None
+        if copy is not None:  # recorded only when on, so checkpoints from before it still load
+            if len(layers) != 1:
+                raise ModelLoadError("generator.copy_head needs every sender on one backbone")
+            name, hidden_in, vocab = copy
+            self.copy = CopyHead(name, self.width, hidden_in, vocab)
+            self.config.update(copy_head={"module": name, "in": hidden_in, "out": vocab})
 
     def forward(self, states: SenderStates) -> Delta:
         """One delta with a row per query: the senders' shares fused."""
@@ -66,7 +79,11 @@ class Hypernetwork(nn.Module):
     def shares(self, states: SenderStates) -> list[Delta]:
         """Each sender's gated delta, a row per query; `forward`'s delta is their exact sum."""
         cond, mask = self.condition(states)
-        return self.fusion.shares(self.generator.delta(cond, mask), states.num_senders)
+        delta = self.generator.delta(cond, mask)
+        if self.copy is not None:
+            copied = self.copy(cond, mask, states.ids[0].to(mask.device), delta.scale)
+            delta = LoRADelta({**delta.factors, self.copy.module: copied}, delta.scale)
+        return self.fusion.shares(delta, states.num_senders)
 
     def condition(self, states: SenderStates) -> tuple[Tensor, Tensor]:
         """What the generator reads: cond [S * Q, T, width] sender-major (padding zero) and mask [S * Q, T].

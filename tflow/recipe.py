@@ -181,6 +181,11 @@ class GeneratorSection(_Section):
     head_scale: float | None = Field(None, gt=0)
     """Multiplier on the B heads' output; null: 1 / d_model, which keeps each optimizer step's
     change of the delta near lr whatever d_model (with 1, training diverges on deep receivers)."""
+    copy_head: bool = False
+    """Add a copy head (`tflow.copy_head`): one rank per sender token on the receiver's LM head,
+    keyed by the sender's state before the token and voting for that token, so the receiver can
+    state a sender's exact value (a name, a number). Needs senders on the receiver's backbone
+    and tokenizer; not with `basis`. It makes the delta's rank the senders' length."""
     max_delta_norm: float | None = Field(None, gt=0)
     """Largest norm of a query's delta the receiver accepts: the Frobenius norm of all its modules'
     updates together, sqrt(sum ||scale·B A||²). A query whose delta exceeds it, or is not finite
@@ -188,6 +193,9 @@ class GeneratorSection(_Section):
 
     @model_validator(mode="after")
     def _default_rank(self) -> GeneratorSection:
+        if self.copy_head and self.kind == "basis":
+            raise ValueError("copy_head: not available with kind basis (its deltas live on a shared basis); "
+                             "use param_tokens or mlp")
         if self.rank is None:
             self.rank = 16 if self.kind == "basis" else 4
         return self

@@ -14,7 +14,9 @@ from tflow.channels.dispatch import sender_names
 from tflow.channels.kv_lora import KVLoRA
 from tflow.channels.links import Links
 from tflow.checkpoint import backbone_fingerprint
+from tflow.copy_head import lm_head
 from tflow.encoding import backbone_groups
+from tflow.errors import RecipeError
 from tflow.hypernetwork import Hypernetwork
 from tflow.models import load_backbone
 from tflow.reply import Reply
@@ -106,10 +108,25 @@ def build_hypernetwork(recipe, senders: Sequence[Sender], receiver: Receiver) ->
     configs = [senders[groups.index(k)].model.config for k in range(max(groups) + 1)]
     fingerprints = [{"name": name, **backbone_fingerprint(s.model)}
                     for name, s in zip(sender_names(senders, receiver), senders, strict=True)]
-    hypernet = Hypernetwork(spec, g.model_dump(exclude={"targets", "layers", "max_delta_norm"}), len(senders),
-                            [c.num_hidden_layers + 1 for c in configs], [c.hidden_size for c in configs],
-                            recipe.fusion.gate_init, g.max_delta_norm, groups=groups, senders=fingerprints)
+    hypernet = Hypernetwork(spec, g.model_dump(exclude={"targets", "layers", "max_delta_norm", "copy_head"}),
+                            len(senders), [c.num_hidden_layers + 1 for c in configs], [c.hidden_size for c in configs],
+                            recipe.fusion.gate_init, g.max_delta_norm, groups=groups, senders=fingerprints,
+                            copy=copy_target(senders, receiver) if g.copy_head else None)
     return hypernet.to(next(receiver.model.parameters()).device)
+
+
+def copy_target(senders: Sequence[Sender], receiver: Receiver) -> tuple[str, int, int]:
+    """The receiver's LM head (name, in, out features) for `generator.copy_head`.
+
+    Raises:
+        RecipeError: a sender on another backbone or tokenizer than the receiver, or no LM head.
+    """
+    name, head = lm_head(receiver.model)
+    for who, s in zip(sender_names(senders, receiver), senders, strict=True):
+        if s.model is not receiver.model and s.tokenizer.get_vocab() != receiver.tokenizer.get_vocab():
+            raise RecipeError([f"generator.copy_head: sender {who!r} tokenizes differently from the receiver, "
+                               "so its token ids name other tokens; use one backbone or set copy_head: false"])
+    return name, head.in_features, head.out_features
 
 
 def build_kv_lora(recipe, receiver: Receiver) -> KVLoRA:
