@@ -24,12 +24,13 @@ def examples():
 
 @pytest.fixture(scope="module")
 def tiny_to_real(tmp_path_factory):
-    """reader_a on a tiny Llama (hidden 32, its own vocabulary), reader_b and the receiver on SmolLM2."""
+    """reader_a on a tiny Llama (hidden 32, its own vocabulary), reader_b and the receiver on SmolLM2;
+    no copy head, which needs the receiver's tokenizer."""
     tmp = tmp_path_factory.mktemp("het")
     llama = (f"{{path: {tmp}/llama, tiny: {{arch: llama, hidden_size: 32, num_layers: 2, num_heads: 2, "
              "num_kv_heads: 1, vocab_size: 384}}")
     return tflow.load(RECIPE, overrides=[f"model.cache_dir={ROOT / 'runs' / 'models' / 'gguf'}",
-                                         f"senders.0.model={llama}"])
+                                         f"senders.0.model={llama}", "generator.copy_head=false"])
 
 
 @pytest.fixture(scope="module")
