@@ -105,12 +105,12 @@ def encode(senders: Sequence[Sender], queries: Sequence[str],
         seqs = token_ids(tokenizer, texts)
         if reuse_prefixes and _caches_prefixes(model):
             kept = prefixes(model, [tuple(p) for p in token_ids(tokenizer, [prefix_text(senders[i]) for i in members])])
-            hidden, mask = _forward_after(model, seqs, [p for p in kept for _ in queries], tokenizer.pad_token_id)
+            hidden, mask, padded = _forward_after(model, seqs, [p for p in kept for _ in queries], tokenizer.pad_token_id)
         else:
-            hidden, mask = _forward(model, seqs, tokenizer.pad_token_id)
+            hidden, mask, padded = _forward(model, seqs, tokenizer.pad_token_id)
         hiddens.append(hidden)
         masks.append(mask)
-        ids.append(pad_batch(seqs, tokenizer.pad_token_id, "right", mask.device)[0])
+        ids.append(padded)
     if len(masks) == 1:
         tokens = masks[0].sum(-1)
     else:  # sender-major, gathered from each sender's block (backbones may sit on different devices)
@@ -132,15 +132,17 @@ def _caches_prefixes(model: nn.Module) -> bool:
     return not model.training and not is_patched(model)
 
 
-def _forward(model: nn.Module, seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Every layer's states of right-padded `seqs`: hidden [layers + 1, N, T, H] (padding zero), mask [N, T]."""
+def _forward(model: nn.Module, seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Every layer's states of right-padded `seqs`: hidden [layers + 1, N, T, H] (padding zero), mask [N, T]
+    and the padded ids [N, T]."""
     ids, mask = pad_batch(seqs, pad_id, "right", next(model.parameters()).device)
     with torch.no_grad():
         out = model.base_model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True, use_cache=False)
-    return torch.stack(out.hidden_states).masked_fill(~mask[None, :, :, None], 0.0), mask
+    return torch.stack(out.hidden_states).masked_fill(~mask[None, :, :, None], 0.0), mask, ids
 
 
-def _forward_after(model: nn.Module, seqs: list[list[int]], prefixes: list[Prefix], pad_id: int) -> tuple[Tensor, Tensor]:
+def _forward_after(model: nn.Module, seqs: list[list[int]], prefixes: list[Prefix], pad_id: int
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     """As `_forward`, but each row reuses the states of its leading tokens shared with its prefix.
 
     The rows' kept prefixes (lengths differ) are left-padded into one past cache, the rest of every
@@ -177,5 +179,5 @@ def _forward_after(model: nn.Module, seqs: list[list[int]], prefixes: list[Prefi
     for (_, k), members in spans.items():
         at = torch.tensor(members, device=device)
         hidden[:, at, k:k + width] = tail[:, at]
-    _, mask = pad_batch(seqs, pad_id, "right", device)
-    return hidden[:, :, :mask.shape[1]].masked_fill(~mask[None, :, :, None], 0.0), mask
+    full, mask = pad_batch(seqs, pad_id, "right", device)
+    return hidden[:, :, :mask.shape[1]].masked_fill(~mask[None, :, :, None], 0.0), mask, full
