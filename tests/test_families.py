@@ -3,6 +3,7 @@
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from tflow.data import teacher_forced
 from tflow.encoding import encode
 from tflow.errors import TargetError
 from tflow.patching import attach, detach
+from tflow.recipe import TinySection
 from tflow.spec import ALL_TARGETS
 
 PHI3 = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -175,3 +177,7 @@ def test_an_unknown_layout_needs_targets_named_by_hand():
         ReceiverSpec.from_model(model, ["q_proj"])
     spec = ReceiverSpec.from_model(model, ["query_key_value", "dense_4h_to_h"])
     assert spec.module_names[:2] == ["gpt_neox.layers.0.attention.query_key_value", "gpt_neox.layers.0.mlp.dense_4h_to_h"]
+
+
+def test_a_tiny_recipe_accepts_every_family():
+    assert set(get_args(TinySection.model_fields["arch"].annotation)) == set(tiny.ARCHS)

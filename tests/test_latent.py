@@ -8,7 +8,7 @@ from conftest import perturb
 from test_kv import Tokens
 
 from tflow import Receiver, Sender, communicate, tiny
-from tflow.channels.latent import SLOT, receiver_turn
+from tflow.channels.latent import SLOT, receiver_turn, spliced
 from tflow.channels.links import InnerLink, Links, OuterLink, inner_loss
 from tflow.encoding import token_ids
 from tflow.errors import ChannelError, QueryError
@@ -139,3 +139,9 @@ def test_a_slot_marker_typed_into_a_query_stays_text(team, tok):
     assert SLOT in pieces[0]  # the query's own marker
     executor = one.usage.by_agent["executor"]
     assert (executor.prompt_tokens, executor.latent_positions) == (sum(map(len, token_ids(tok, pieces))), 2 * 2)
+
+
+def test_a_text_with_too_few_slots_is_refused(lively, tok):
+    thoughts = torch.zeros(1, 4, lively.config.hidden_size)
+    with pytest.raises(ChannelError, match=r"text 0 has 1 thought slot\(s\) .* where 2 are needed"):
+        spliced(lively, tok, [f"one {SLOT} only"], thoughts, slots=2)

@@ -194,6 +194,9 @@ def test_relay_scorer_and_corpus():
     assert task.score("The secret code of Lisbon is 482.", example)  # a real model's sentence
     assert not task.score("The code is 483", example) and not task.score("", example)
     assert not task.score("It is 482 or 117.", example)  # two values
+    assert not task.score("The secret code of Lisbon is not 482.", example)  # negated
+    assert not task.score("It isn't 482.", example) and not task.score("No, 482 is not it.", example)
+    assert task.score("Lisbon's secret code is 482, noted in the document.", example)  # "noted" is no "no"
     assert task.score("Willow!", Example("What is the password of Oslo?", "willow"))
     assert task.extract("The password of Oslo is willow, code 482.") == "willow, 482"
     words = set(" ".join(relay.corpus()).replace(".", " ").replace("?", " ").split())

@@ -44,8 +44,8 @@ def _home(path: str) -> str:
 class TinySection(_Section):
     """A tiny randomly initialised model with a locally trained BPE tokenizer."""
 
-    arch: Literal["qwen3", "qwen2", "llama", "mistral"] = "qwen3"
-    """Its architecture (transformers' decoder layout)."""
+    arch: Literal["qwen3", "qwen2", "llama", "mistral", "gemma2", "gemma3", "phi3", "olmo2"] = "qwen3"
+    """Its architecture (transformers' decoder layout), one of `tiny.ARCHS`."""
     hidden_size: int = Field(64, gt=0)
     """Width of the residual stream; `num_heads` must divide it."""
     num_layers: int = Field(2, gt=0)

@@ -148,10 +148,16 @@ def spliced(model: nn.Module, tokenizer, texts: Sequence[str], vectors: Tensor |
     token is left out (generation reads it). `tails[i]`, when given, are token ids appended to
     row i (teacher forcing). Returns embeds [N, W, H], mask [N, W] long and per row (text tokens,
     spliced vectors); the tails are not counted.
+
+    Raises:
+        ChannelError: a text with fewer than `slots` slots.
     """
     rows, counts = [], []
     for i, text in enumerate(texts):
         pieces = text.rsplit(SLOT, slots) if vectors is not None else [text]
+        if vectors is not None and len(pieces) - 1 != slots:
+            raise ChannelError(f"latent: text {i} has {len(pieces) - 1} thought slot(s) {SLOT!r} where {slots} "
+                               "are needed; each sender's message needs its own slot")
         ids = token_ids(tokenizer, pieces)
         counts.append((sum(map(len, ids)), vectors.shape[1] if vectors is not None else 0))
         if not keep_last:

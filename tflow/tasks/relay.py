@@ -52,6 +52,7 @@ SENTENCE_INSTRUCTION = "Answer in one sentence."
 VALUES = frozenset(v.casefold() for _, _, values in KINDS.values() for v in values)
 TEST_SIZE = 200
 FORMATS = ("toy", "documents")
+NEGATION = re.compile(r"\b(?:not|no|never|cannot)\b|n't\b", re.IGNORECASE)
 
 
 def generate(
@@ -224,7 +225,9 @@ class Relay(Task):
         return ", ".join(_mentioned(text, _candidates(example)))
 
     def score(self, text: str, example: Example) -> bool:
-        return _mentioned(text, _candidates(example)) == [example.answer.casefold()]
+        """Right when the reply states the asked value and no other candidate, and negates nothing
+        ("The password of Oslo is not tiger." states tiger but does not answer with it)."""
+        return not NEGATION.search(text) and _mentioned(text, _candidates(example)) == [example.answer.casefold()]
 
 
 def _candidates(example: Example | None) -> Collection[str]:
