@@ -6,7 +6,8 @@ sender token t one rank of a delta on the receiver's LM head, an induction read 
 preceded the token:
 
     A_t = W rmsnorm(c_{t-1})        c: the conditioning, the sender's aggregated states
-    B_t = gain · e_{id_t}           a one-hot column over the receiver's vocabulary
+    B_t = gain · e_{id_t}           a one-hot column over the receiver's vocabulary, held as
+                                    the id and its value (`OneHotColumns`)
 
 so at receiver position j the logits gain `gain · sum_t (x_j · A_t) e_{id_t}`: token t is voted
 for as far as the receiver's state x_j matches the sender's state just before it. It is an
@@ -18,9 +19,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.functional import one_hot
 
 from tflow.errors import RecipeError
+from tflow.onehot import OneHotColumns
 
 
 class CopyHead(nn.Module):
@@ -36,16 +37,16 @@ class CopyHead(nn.Module):
         nn.init.zeros_(self.key.weight)
         self.gain = nn.Parameter(torch.ones(()))
 
-    def forward(self, cond: Tensor, mask: Tensor, ids: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    def forward(self, cond: Tensor, mask: Tensor, ids: Tensor, scale: float) -> tuple[Tensor, OneHotColumns]:
         """cond: [N, T, width], mask: [N, T] bool, ids: [N, T] -> A [N, T-1, hidden], B [N, vocab, T-1].
 
-        B is divided by `scale`, the delta's own, so the update is exactly gain · B A.
+        B is one-hot (`OneHotColumns`: the ids and their values, never vocab-wide floats) and
+        divided by `scale`, the delta's own, so the update is exactly gain · B A.
         """
-        real = mask[:, 1:, None].to(cond.dtype)  # a rank exists only where t-1 and t are both real tokens
+        real = mask[:, 1:].to(cond.dtype)  # a rank exists only where t-1 and t are both real tokens
         before = cond[:, :-1]
-        keys = self.key(before * torch.rsqrt(before.pow(2).mean(-1, keepdim=True) + 1e-6)) * real
-        values = one_hot(ids[:, 1:].clamp(min=0), self.vocab).to(cond.dtype) * real
-        return keys, (values * (self.gain / scale)).mT
+        keys = self.key(before * torch.rsqrt(before.pow(2).mean(-1, keepdim=True) + 1e-6)) * real[..., None]
+        return keys, OneHotColumns(ids[:, 1:].clamp(min=0), real * (self.gain / scale), self.vocab)
 
 
 def lm_head(model: nn.Module) -> tuple[str, nn.Linear]:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from tflow.errors import CheckpointError, DeltaError
 from tflow.io import atomic_write_safetensors, read_safetensors
+from tflow.onehot import OneHotColumns, cat, columns_as_one_row, gram, pad_rank
 
 
 def pad_right(t: Tensor, width: int, dim: int) -> Tensor:
@@ -76,7 +77,8 @@ class LoRADelta(FrobeniusNorms):
     """Low-rank update `scale * B_b A_b` for each named module and each batch row b.
 
     factors: {module_name: (A, B)} with A: [batch, rank, in_features] and
-    B: [batch, out_features, rank]; names as in `model.named_modules()`.
+    B: [batch, out_features, rank], a tensor or `OneHotColumns` (a copy head's); names as in
+    `model.named_modules()`.
 
     Raises:
         DeltaError: factors empty, not 3-D, or disagreeing on batch or rank.
@@ -120,7 +122,7 @@ class LoRADelta(FrobeniusNorms):
     @property
     def num_bytes(self) -> int:
         """Bytes held by all factors (what a weight-space message weighs)."""
-        return sum(t.numel() * t.element_size() for pair in self.factors.values() for t in pair)
+        return sum(t.nbytes for pair in self.factors.values() for t in pair)
 
     def validate(self, model: nn.Module) -> None:
         """Check every module exists in `model`, is an nn.Linear, and matches the factor shapes.
@@ -143,7 +145,7 @@ class LoRADelta(FrobeniusNorms):
         squared = {}
         for name, (a, b) in self.factors.items():
             a, b = a.detach().float(), b.detach().float()
-            squared[name] = ((a @ a.mT) * (b.mT @ b)).sum((1, 2))
+            squared[name] = ((a @ a.mT) * gram(b)).sum((1, 2))
         return squared
 
     def lora(self) -> LoRADelta:
@@ -157,7 +159,7 @@ class LoRADelta(FrobeniusNorms):
         every row of a batch.
         """
         n = self.batch_size
-        factors = {name: (a.reshape(1, -1, a.shape[2]), (b / n).permute(1, 0, 2).reshape(1, b.shape[1], -1))
+        factors = {name: (a.reshape(1, -1, a.shape[2]), columns_as_one_row(b / n))
                    for name, (a, b) in self.factors.items()}
         return LoRADelta(factors, self.scale)
 
@@ -188,7 +190,7 @@ class LoRADelta(FrobeniusNorms):
         return self._map(lambda t: t.to(device=device, dtype=dtype))
 
     def detach(self) -> LoRADelta:
-        return self._map(Tensor.detach)
+        return self._map(lambda t: t.detach())
 
     def _map(self, fn) -> LoRADelta:
         return LoRADelta({k: (fn(a), fn(b)) for k, (a, b) in self.factors.items()}, self.scale)
@@ -217,7 +219,7 @@ class LoRADelta(FrobeniusNorms):
                 w = weight.reshape(-1, 1, 1) if isinstance(weight, Tensor) else weight
                 a_parts.append(a)
                 b_parts.append(b * (w * (delta.scale / scale)))
-            factors[name] = (torch.cat(a_parts, dim=1), torch.cat(b_parts, dim=2))
+            factors[name] = (torch.cat(a_parts, dim=1), cat(b_parts, dim=2))
         return LoRADelta(factors, scale)
 
     @staticmethod
@@ -239,16 +241,21 @@ class LoRADelta(FrobeniusNorms):
         for name in first.factors:
             rank = max(d.factors[name][0].shape[1] for d in deltas)
             factors[name] = (torch.cat([pad_right(d.factors[name][0], rank, 1) for d in deltas]),
-                             torch.cat([pad_right(d.factors[name][1], rank, 2) for d in deltas]))
+                             cat([pad_rank(d.factors[name][1], rank) for d in deltas], dim=0))
         return LoRADelta(factors, first.scale)
 
     def save(self, path: str | Path) -> None:
         """Write the delta to a safetensors file atomically."""
-        tensors = {}
+        tensors, one_hot = {}, {}
         for name, (a, b) in self.factors.items():
             tensors[f"{name}/A"] = a.detach().contiguous()
-            tensors[f"{name}/B"] = b.detach().contiguous()
-        atomic_write_safetensors(tensors, path, {"tflow.kind": "lora_delta", "scale": json.dumps(self.scale)})
+            if isinstance(b, OneHotColumns):
+                tensors[f"{name}/B.ids"], tensors[f"{name}/B.values"] = b.ids.contiguous(), b.values.detach().contiguous()
+                one_hot[name] = b.out
+            else:
+                tensors[f"{name}/B"] = b.detach().contiguous()
+        meta = {"tflow.kind": "lora_delta", "scale": json.dumps(self.scale), "one_hot": json.dumps(one_hot)}
+        atomic_write_safetensors(tensors, path, meta)
 
     @classmethod
     def load(cls, path: str | Path, device=None) -> LoRADelta:
@@ -261,8 +268,10 @@ class LoRADelta(FrobeniusNorms):
         if meta.get("tflow.kind") != "lora_delta":
             raise CheckpointError(f"{path} is a safetensors file but not a tflow LoRA delta")
         names = sorted({key.rsplit("/", 1)[0] for key in tensors})
+        one_hot = json.loads(meta.get("one_hot", "{}"))
         try:
-            factors = {n: (tensors[f"{n}/A"], tensors[f"{n}/B"]) for n in names}
+            factors = {n: (tensors[f"{n}/A"], OneHotColumns(tensors[f"{n}/B.ids"], tensors[f"{n}/B.values"], one_hot[n])
+                           if n in one_hot else tensors[f"{n}/B"]) for n in names}
         except KeyError as missing:
             raise CheckpointError(f"{path} lacks tensor {missing}; the file is incomplete") from None
         return cls(factors, float(json.loads(meta["scale"])))

@@ -32,6 +32,7 @@ from tflow.channels import guard_delta, sender_names
 from tflow.encoding import encode
 from tflow.errors import AblationError, ChannelError
 from tflow.fusion import Delta, fuse
+from tflow.onehot import flat_columns_gram
 from tflow.spec import ReceiverSpec
 
 ABLATIONS = ("shuffled", "static", "drop-sender", "scale")
@@ -231,8 +232,7 @@ def _gram(delta: Delta) -> Tensor:
         a, b = a.detach().float().cpu(), b.detach().float().cpu()
         r = a.shape[1]
         rows_a = a.reshape(n * r, -1)
-        rows_b = b.mT.reshape(n * r, -1)
-        gram += ((rows_a @ rows_a.T).reshape(n, r, n, r) * (rows_b @ rows_b.T).reshape(n, r, n, r)).sum((1, 3))
+        gram += ((rows_a @ rows_a.T).reshape(n, r, n, r) * flat_columns_gram(b).reshape(n, r, n, r)).sum((1, 3))
     return gram
 
 

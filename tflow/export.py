@@ -23,6 +23,7 @@ from tflow.encoding import encode
 from tflow.errors import ChannelError, DeltaError
 from tflow.fusion import Delta
 from tflow.io import atomic_write_safetensors, atomic_write_text, writable_dir
+from tflow.onehot import dense
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -90,7 +91,7 @@ def export_adapter(team, query: str, out: str | Path, contexts: Mapping[str, str
     tensors = {}
     for name, (a, b) in delta.factors.items():
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a[0].contiguous()
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = (b[0] * delta.scale).contiguous()
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = (dense(b[0:1])[0] * delta.scale).contiguous()
     config = peft_config(base_model_name(team.receiver.model), rank, rank, sorted(delta.factors),
                          {name: r for name, r in ranks.items() if r != rank})
     atomic_write_safetensors(tensors, out / ADAPTER_WEIGHTS, {"format": "pt"})

@@ -28,14 +28,16 @@ from torch import Tensor, nn
 from tflow.basis import BasisDelta
 from tflow.delta import LoRADelta
 from tflow.errors import PatchError
+from tflow.onehot import OneHotColumns
 
 
 class _Factors:
     """One module's factors laid out for its hook: A [rows, r, in] and B transposed [rows, r, out].
 
     Both are contiguous and in the module's dtype, prepared once per attach: contiguous Bᵀ makes
-    the second matmul several times faster than a strided view on CPU. `base` holds the delta's
-    own rows, from which beam and return-sequence expansions are made.
+    the second matmul several times faster than a strided view on CPU. A one-hot B (a copy
+    head's) stays as its ids and values, and the hook scatters its votes. `base` holds the
+    delta's own rows, from which beam and return-sequence expansions are made.
     """
 
     __slots__ = ("a", "b_t", "rows", "scale", "base")
@@ -48,7 +50,8 @@ class _Factors:
     def prepare(cls, a: Tensor, b: Tensor, scale: float, dtype: torch.dtype) -> _Factors:
         """a: [batch, r, in], b: [batch, out, r]; grad mode forced on, so gradients always reach both."""
         with torch.enable_grad():
-            return cls(a.to(dtype).contiguous(), b.to(dtype).mT.contiguous(), scale)
+            b_t = b.to(dtype) if isinstance(b, OneHotColumns) else b.to(dtype).mT.contiguous()
+            return cls(a.to(dtype).contiguous(), b_t, scale)
 
     def expand(self, rows: int, name: str) -> _Factors:
         """These factors for a batch of `rows`, each row repeated in place as generate() repeats inputs."""
@@ -65,6 +68,8 @@ class _Factors:
         if a.dtype != output.dtype:  # autocast, or a module whose weight is not its compute dtype
             a, b_t = a.to(output.dtype), b_t.to(output.dtype)
         h = torch.bmm(x if x.dtype == a.dtype else x.to(a.dtype), a.mT)
+        if isinstance(b_t, OneHotColumns):
+            return b_t.add_product(output, h, self.scale)
         if torch.is_grad_enabled():
             return torch.baddbmm(output, h, b_t, alpha=self.scale)
         return output.baddbmm_(h, b_t, alpha=self.scale)  # nothing records the fresh output: spare a copy
