@@ -101,9 +101,16 @@ def test_evaluate_adds_up_every_reply_and_each_call_once(team, examples, monkeyp
         alone = [team.communicate(task.prompt(ex), channel=channel, contexts=[ex.contexts]) for ex in examples]
         assert [a.usage for a in alone] == [b.usage for b in replies]  # batching changes no count
         assert r.accuracy == sum(task.score(a.text, ex) for a, ex in zip(alone, examples, strict=True)) / 5
-        assert r.tokens == sum(a.usage.total_tokens for a in alone) == sum(p.tokens for p in r.predictions)
-        assert r.tokens_by_agent == {name: sum(a.usage.by_agent[name].total_tokens for a in alone)
+        # each agent's kept role prefix is charged once, at the longest length a reply read it at
+        prefix = {name: max(a.usage.by_agent[name].cached_tokens for a in alone) for name in alone[0].usage.by_agent}
+        assert r.prefix_tokens == prefix
+        assert r.tokens_by_agent == {name: sum(a.usage.by_agent[name].processed_tokens for a in alone) + prefix[name]
                                      for name in alone[0].usage.by_agent}
+        assert r.tokens == sum(a.usage.processed_tokens for a in alone) + sum(prefix.values())
+        assert r.tokens == sum(p.tokens for p in r.predictions)
+        assert r.cached_tokens == sum(a.usage.cached_tokens for a in alone)
+        if channel in ("text", "weights"):  # both channels' senders read the reader's role from kept states
+            assert prefix["reader"] > 0 and prefix.get("executor", 0) == 0
         assert r.tokens_by_stage["receiver"] == r.tokens_by_agent["executor"]
         assert r.tokens_by_stage["senders"] == r.tokens_by_agent.get("reader", 0)
         assert r.kv_cache_bytes == sum(a.usage.kv_cache_bytes for a in alone)

@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from conftest import random_delta
+from conftest import perturb, random_delta
 
 from tflow import Sender, tiny
 from tflow import prefix as prefix_module
@@ -131,3 +131,36 @@ def test_an_unknown_context_position_is_refused(model, tok):
 
     with pytest.raises(QueryError, match="context_position must be one of before_query, after_query, got 'middle'"):
         Sender(model, tok, ROLES[0], context_position="middle")
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "gemma2"])
+def test_generation_on_a_kept_prefix_says_what_a_full_prefill_says(tok, arch):
+    from tflow.generation import GenerationSettings, generate
+
+    model = tiny.model(tok, arch=arch, hidden_size=64, num_layers=2, seed=4)
+    perturb(model, seed=5, std=0.3)
+    sender = Sender(model, tok, ROLES[0], context_position="after_query")
+    prompts = [sender.prompt(q, doc) for q, doc in zip(QUERIES, ["doc one", "a longer private document", "x"],
+                                                       strict=True)]
+    settings = GenerationSettings(max_new_tokens=12)
+    full = generate(model, tok, prompts, settings)
+    reused = generate(model, tok, prompts, settings, reuse=prefix_text(sender))
+    assert reused.texts == full.texts and reused.finish_reasons == full.finish_reasons
+    assert reused.prompt_tokens == full.prompt_tokens and reused.generated_tokens == full.generated_tokens
+    prefix = len(token_ids(tok, [prefix_text(sender)])[0])
+    assert full.cached_tokens == [0, 0, 0] and reused.cached_tokens == [prefix] * 3
+    budgets = generate(model, tok, prompts, settings, budgets=[2, 12, 5], reuse=prefix_text(sender))
+    assert budgets.generated_tokens == [min(2, full.generated_tokens[0]), full.generated_tokens[1],
+                                        min(5, full.generated_tokens[2])]
+
+
+def test_generation_on_a_patched_or_training_model_reads_no_kept_prefix(model, tok, computed):
+    from tflow.generation import GenerationSettings, generate
+
+    sender = Sender(model, tok, ROLES[0])
+    prompts = [sender.prompt(q) for q in QUERIES]
+    with patched(model, random_delta(model, batch=len(prompts))):
+        out = generate(model, tok, prompts, GenerationSettings(max_new_tokens=4), reuse=prefix_text(sender))
+    assert out.cached_tokens == [0, 0, 0] and computed["n"] == 0
+    beams = generate(model, tok, prompts, GenerationSettings(max_new_tokens=4, num_beams=2), reuse=prefix_text(sender))
+    assert beams.cached_tokens == [0, 0, 0] and computed["n"] == 0

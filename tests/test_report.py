@@ -69,7 +69,7 @@ def test_report_files_agree_with_each_other(tmp_path):
     assert saved == report
     text = report["channels"]["text"]
     assert text["accuracy"] == 0.5 and text["tokens"] == {
-        "total": 960, "by_agent": {"executor": 360, "reader": 600}, "by_stage": {"senders": 600, "receiver": 360}}
+        "total": 960, "by_agent": {"executor": 360, "reader": 600}, "by_stage": {"senders": 600, "receiver": 360}, "cached": 0}
     assert text["seconds"] == 10.0 and text["seconds_by_stage"] == {"senders": 6.0, "receiver": 4.0}
     assert text["message_bytes"] == 8 and report["channels"]["none"]["message_bytes"] == 0
     assert table["weights"] == {"channel": "weights", "accuracy (%)": "50.00", "processed tokens": "360",

@@ -11,8 +11,7 @@ from transformers import DynamicCache
 
 from tflow.agents import Sender
 from tflow.errors import ModelLoadError
-from tflow.patching import is_patched
-from tflow.prefix import Prefix, common_length, prefix_text, prefixes
+from tflow.prefix import Prefix, prefix_text, prefixes, reusable, reused_lengths
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str, device=None) -> tuple[Tensor, Tensor]:
@@ -47,7 +46,9 @@ class SenderStates:
     senders of group g, member-major (the group's j-th sender's query q is row j * Q + q), padded
     positions zero; masks[g]: [S_g * Q, T_g] bool, True on real tokens; groups[s]: sender s's group
     (`backbone_groups`); prompt_tokens: [S * Q] real tokens per row, sender-major (row s * Q + q);
-    ids[g]: [S_g * Q, T_g] the token ids behind hiddens[g] (the pad id where masks[g] is False).
+    ids[g]: [S_g * Q, T_g] the token ids behind hiddens[g] (the pad id where masks[g] is False);
+    cached_tokens: [S * Q] sender-major, each row's prompt tokens read from a kept role prefix
+    instead of run (zeros without reuse).
     """
 
     hiddens: tuple[Tensor, ...]
@@ -57,6 +58,7 @@ class SenderStates:
     num_senders: int
     num_queries: int
     ids: tuple[Tensor, ...] = ()
+    cached_tokens: Tensor | None = None
 
     @property
     def hidden(self) -> Tensor:
@@ -96,27 +98,34 @@ def encode(senders: Sequence[Sender], queries: Sequence[str],
     (tflow.prefix); only the rest of each prompt runs, unless the backbone is training or patched.
     """
     groups = backbone_groups(senders)
-    hiddens, masks, ids = [], [], []
+    hiddens, masks, ids, cached = [], [], [], []
     for g in range(max(groups) + 1):
         members = [i for i, group in enumerate(groups) if group == g]
         model, tokenizer = senders[members[0]].model, senders[members[0]].tokenizer
         texts = [senders[i].prompt(q, contexts[i][j] if contexts else None)
                  for i in members for j, q in enumerate(queries)]
         seqs = token_ids(tokenizer, texts)
-        if reuse_prefixes and _caches_prefixes(model):
+        if reuse_prefixes and reusable(model):
             kept = prefixes(model, [tuple(p) for p in token_ids(tokenizer, [prefix_text(senders[i]) for i in members])])
-            hidden, mask, padded = _forward_after(model, seqs, [p for p in kept for _ in queries], tokenizer.pad_token_id)
+            hidden, mask, padded, keep = _forward_after(model, seqs, [p for p in kept for _ in queries],
+                                                        tokenizer.pad_token_id)
         else:
             hidden, mask, padded = _forward(model, seqs, tokenizer.pad_token_id)
+            keep = [0] * len(seqs)
         hiddens.append(hidden)
         masks.append(mask)
         ids.append(padded)
-    if len(masks) == 1:
-        tokens = masks[0].sum(-1)
-    else:  # sender-major, gathered from each sender's block (backbones may sit on different devices)
-        blocks = [sender_rows(groups, s, len(queries)) for s in range(len(senders))]
-        tokens = torch.cat([masks[g][rows].sum(-1).cpu() for g, rows in blocks])
-    return SenderStates(tuple(hiddens), tuple(masks), tuple(groups), tokens, len(senders), len(queries), tuple(ids))
+        cached.append(torch.tensor(keep))
+    tokens = [m.sum(-1).cpu() for m in masks]
+    return SenderStates(tuple(hiddens), tuple(masks), tuple(groups), _sender_major(tokens, groups, len(queries)),
+                        len(senders), len(queries), tuple(ids), _sender_major(cached, groups, len(queries)))
+
+
+def _sender_major(blocks: Sequence[Tensor], groups: Sequence[int], num_queries: int) -> Tensor:
+    """Per-row values [S * Q], sender-major, gathered from each backbone group's block of rows."""
+    if len(blocks) == 1:
+        return blocks[0]
+    return torch.cat([blocks[g][rows] for g, rows in (sender_rows(groups, s, num_queries) for s in range(len(groups)))])
 
 
 def sender_rows(groups: Sequence[int], sender: int, num_queries: int) -> tuple[int, slice]:
@@ -124,12 +133,6 @@ def sender_rows(groups: Sequence[int], sender: int, num_queries: int) -> tuple[i
     group = groups[sender]
     j = list(groups[:sender]).count(group)
     return group, slice(j * num_queries, (j + 1) * num_queries)
-
-
-def _caches_prefixes(model: nn.Module) -> bool:
-    """Whether prefix states may be reused: not while training (HF gradient checkpointing drops a
-    past cache) and not while a delta is patched in (the states would carry it)."""
-    return not model.training and not is_patched(model)
 
 
 def _forward(model: nn.Module, seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -142,16 +145,17 @@ def _forward(model: nn.Module, seqs: list[list[int]], pad_id: int) -> tuple[Tens
 
 
 def _forward_after(model: nn.Module, seqs: list[list[int]], prefixes: list[Prefix], pad_id: int
-                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """As `_forward`, but each row reuses the states of its leading tokens shared with its prefix.
+                   ) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """As `_forward`, but each row reuses the states of its leading tokens shared with its prefix;
+    also returns how many leading tokens of each row were read (`keep`).
 
     The rows' kept prefixes (lengths differ) are left-padded into one past cache, the rest of every
     row runs right-padded on top of it at its true positions, and the two parts are joined back.
     """
-    keep = [min(common_length(seq, p.ids), len(seq) - 1) for seq, p in zip(seqs, prefixes, strict=True)]
+    keep = reused_lengths(seqs, prefixes)
     past = max(keep)
     if past == 0:
-        return _forward(model, seqs, pad_id)
+        return (*_forward(model, seqs, pad_id), keep)
     device = next(model.parameters()).device
     ids, rest = pad_batch([seq[k:] for seq, k in zip(seqs, keep, strict=True)], pad_id, "right", device)
     n, width = ids.shape
@@ -180,4 +184,5 @@ def _forward_after(model: nn.Module, seqs: list[list[int]], prefixes: list[Prefi
         at = torch.tensor(members, device=device)
         hidden[:, at, k:k + width] = tail[:, at]
     full, mask = pad_batch(seqs, pad_id, "right", device)
-    return hidden[:, :, :mask.shape[1]].masked_fill(~mask[None, :, :, None], 0.0), mask, full
+    return hidden[:, :, :mask.shape[1]].masked_fill(~mask[None, :, :, None], 0.0), mask, full, keep
+

@@ -50,7 +50,9 @@ class ChannelResult:
     queries were sharded); `wall_seconds` is how long the channel took start to end (on the
     slowest process, when sharded); `peak_memory_bytes` is the largest per-stage CUDA peak of any
     call (None per stage on CPU). `failures` are queries that raised (only sharded runs report
-    them instead of stopping); they count as wrong.
+    them instead of stopping); they count as wrong. Tokens are processed tokens
+    (`AgentUsage.processed_tokens`): prompt tokens read from a kept role prefix are left out
+    (`cached_tokens` sums them), and each agent's prefix is charged once (`prefix_tokens`).
     """
 
     channel: str
@@ -60,6 +62,8 @@ class ChannelResult:
     peak_memory_bytes: dict[str, int | None] = field(default_factory=dict)
     tokens_by_agent: dict[str, int] = field(default_factory=dict)
     tokens_by_stage: dict[str, int] = field(default_factory=lambda: {"senders": 0, "receiver": 0})
+    cached_tokens: int = 0
+    prefix_tokens: dict[str, int] = field(default_factory=dict)
     kv_cache_bytes: int = 0
     message_bytes: int = 0
     holders: list[str | None] = field(default_factory=list)
@@ -114,14 +118,22 @@ class ChannelResult:
 
     def add_reply(self, index: int, example: Example, reply: Reply, task: Task, receiver: str) -> None:
         """Score the reply to example `index` of the evaluated set and add its tokens and bytes."""
+        tokens = 0
         for agent, usage in reply.usage.by_agent.items():
-            self.tokens_by_agent[agent] = self.tokens_by_agent.get(agent, 0) + usage.total_tokens
-            self.tokens_by_stage["receiver" if agent == receiver else "senders"] += usage.total_tokens
+            # An agent's role prefix runs once per backbone: charged once per run, at the longest
+            # length any reply read it at, whether or not an earlier run had kept it already.
+            prefix = max(0, usage.cached_tokens - self.prefix_tokens.get(agent, 0))
+            self.prefix_tokens[agent] = self.prefix_tokens.get(agent, 0) + prefix
+            ran = usage.processed_tokens + prefix
+            tokens += ran
+            self.tokens_by_agent[agent] = self.tokens_by_agent.get(agent, 0) + ran
+            self.tokens_by_stage["receiver" if agent == receiver else "senders"] += ran
+            self.cached_tokens += usage.cached_tokens
         self.kv_cache_bytes += reply.usage.kv_cache_bytes
         self.message_bytes += reply.message_bytes
         self.predictions.append(Prediction(
             index, example.question, example.answer, task.extract(reply.text, example), reply.text,
-            task.score(reply.text, example), reply.usage.total_tokens, reply.delta_applied,
+            task.score(reply.text, example), tokens, reply.delta_applied,
         ))
         self.holders.append(example.meta.get("holder"))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -13,6 +13,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from tflow.encoding import pad_batch, token_ids
 from tflow.errors import QueryError
+from tflow.prefix import prefixes, reusable, reused_lengths
 from tflow.trace import Trace
 
 
@@ -48,12 +49,18 @@ class Generated:
 
     `finish_reasons` per row: "stop" when the row ended on EOS, "length" when it used its budget,
     "cancelled" when a RowStream stopped it (its text and count then end where it stopped).
+    `cached_tokens` per row: prompt tokens read from a kept prefix instead of run (zeros without `reuse`).
     """
 
     texts: list[str]
     prompt_tokens: list[int]
     generated_tokens: list[int]
     finish_reasons: list[str]
+    cached_tokens: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.cached_tokens is None:
+            object.__setattr__(self, "cached_tokens", [0] * len(self.texts))
 
 
 class RowStream(Protocol):
@@ -85,15 +92,19 @@ def kv_cache_bytes(model: nn.Module, tokens: int) -> int:
 
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str], settings: GenerationSettings,
              max_new_tokens: int | None = None, *, budgets: Sequence[int] | None = None,
-             stream: RowStream | None = None, past: Trace | None = None) -> Generated:
-    """Left-padded batched generate() of chat-template texts; see `generate_ids`."""
-    return generate_ids(model, tokenizer, token_ids(tokenizer, prompts), settings, max_new_tokens,
-                        budgets=budgets, stream=stream, past=past)
+             stream: RowStream | None = None, past: Trace | None = None, reuse: str | None = None) -> Generated:
+    """Left-padded batched generate() of chat-template texts; see `generate_ids`. `reuse`: a text
+    every prompt may start with (a role prefix), whose kept states the rows read instead of running it."""
+    seqs = token_ids(tokenizer, prompts)
+    kept = None if reuse is None else [tuple(token_ids(tokenizer, [reuse])[0])] * len(seqs)
+    return generate_ids(model, tokenizer, seqs, settings, max_new_tokens, budgets=budgets, stream=stream,
+                        past=past, reuse=kept)
 
 
 def generate_ids(model: nn.Module, tokenizer, seqs: Sequence[Sequence[int]], settings: GenerationSettings,
                  max_new_tokens: int | None = None, *, budgets: Sequence[int] | None = None,
-                 stream: RowStream | None = None, past: Trace | None = None) -> Generated:
+                 stream: RowStream | None = None, past: Trace | None = None,
+                 reuse: Sequence[tuple[int, ...]] | None = None) -> Generated:
     """Left-padded batched generate(); counts stop at each row's first EOS.
 
     `budgets` gives each row its own token budget (at most the call's); a row that reaches it
@@ -101,7 +112,10 @@ def generate_ids(model: nn.Module, tokenizer, seqs: Sequence[Sequence[int]], set
     stop rows. Neither changes a row's tokens: a row decodes as it would alone. With `past` (a
     tflow.trace.Trace of the same rows), each row's prompt is read on top of its cache, which the
     call extends in place (the trace is spent after); generate() derives positions from the full
-    mask, so padding inside the cache moves none.
+    mask, so padding inside the cache moves none. With `reuse` (per row, the ids of a prefix its
+    prompt may start with) and no `past`, each row reads the leading tokens it shares with its
+    prefix from states kept per model (tflow.prefix) and runs only the rest, unless the model is
+    training or patched or beams are on; the same numbers, whatever the cache holds.
 
     Raises:
         QueryError: a prompt (after its `past`) plus its token budget exceeds the model's context,
@@ -121,6 +135,8 @@ def generate_ids(model: nn.Module, tokenizer, seqs: Sequence[Sequence[int]], set
             f"prompt of {len(seqs[row])} tokens{held} plus {rows[row]} new tokens exceeds the model's context of "
             f"{limit}; shorten the query or lower max_new_tokens"
         )
+    if reuse is not None and past is None and settings.num_beams == 1 and reusable(model):
+        return _generate_after(model, tokenizer, seqs, settings, max_new_tokens, reuse, budgets=budgets, stream=stream)
     device = next(model.parameters()).device
     ids, mask = pad_batch(seqs, tokenizer.pad_token_id, "left", device)
     mask = mask.long() if past is None else torch.cat([past.mask, mask.long()], dim=1)
@@ -141,6 +157,22 @@ def generate_ids(model: nn.Module, tokenizer, seqs: Sequence[Sequence[int]], set
     reasons = ["cancelled" if watch is not None and watch.cancelled[r] else "stop" if n and int(row[n - 1]) in eos
                else "length" for r, (row, n) in enumerate(zip(new, counts, strict=True))]
     return Generated(texts, [len(s) for s in seqs], counts, reasons)
+
+
+def _generate_after(model: nn.Module, tokenizer, seqs: Sequence[Sequence[int]], settings: GenerationSettings,
+                    max_new_tokens: int | None, reuse: Sequence[tuple[int, ...]], **options) -> Generated:
+    """`generate_ids` of each row's rest on top of the kept states of its prefix (a left-padded Trace)."""
+    kept = prefixes(model, list(reuse))
+    keep = reused_lengths(seqs, kept)
+    if max(keep) == 0:
+        out = generate_ids(model, tokenizer, seqs, settings, max_new_tokens, **options)
+    else:
+        layers = range(kept[0].keys.shape[0])
+        trace = Trace.from_rows(model, [[(p.keys[layer][:, :k], p.values[layer][:, :k]) for layer in layers]
+                                        for p, k in zip(kept, keep, strict=True)])
+        out = generate_ids(model, tokenizer, [s[k:] for s, k in zip(seqs, keep, strict=True)], settings,
+                           max_new_tokens, past=trace, **options)
+    return replace(out, prompt_tokens=[len(s) for s in seqs], cached_tokens=keep)
 
 
 class _RowWatch(StoppingCriteria):

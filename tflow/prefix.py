@@ -15,12 +15,14 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from tflow.agents import Sender
+from tflow.patching import is_patched
 
 MAX_PREFIXES = 32  # per model, least recently used dropped first
 
@@ -60,6 +62,12 @@ _CACHES: weakref.WeakKeyDictionary[nn.Module, _ModelCache] = weakref.WeakKeyDict
 _LOCK = threading.Lock()
 
 
+def reusable(model: nn.Module) -> bool:
+    """Whether kept prefix states may be read on `model`: not while training (HF gradient
+    checkpointing drops a past cache) and not while a delta is patched in (the states would carry it)."""
+    return not model.training and not is_patched(model)
+
+
 def prefixes(model: nn.Module, id_lists: list[tuple[int, ...]]) -> list[Prefix]:
     """The states of each token-id tuple on `model`'s decoder stack, from the cache or computed and kept."""
     now = stamp(model)
@@ -81,6 +89,12 @@ def prefixes(model: nn.Module, id_lists: list[tuple[int, ...]]) -> list[Prefix]:
                     cache.entries.popitem(last=False)
         found.append(hit)
     return found
+
+
+def reused_lengths(seqs: Sequence[Sequence[int]], kept: Sequence[Prefix]) -> list[int]:
+    """How many leading tokens of each row its prefix supplies: the shared ones, never the whole row
+    (its last token must run, to give the states or logits that follow)."""
+    return [min(common_length(seq, p.ids), len(seq) - 1) for seq, p in zip(seqs, kept, strict=True)]
 
 
 def clear(model: nn.Module) -> None:

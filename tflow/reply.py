@@ -13,16 +13,26 @@ class AgentUsage:
     `latent_positions` are positions fed as vectors instead of tokens (kv and latent channels):
     the latent steps the agent ran, and the latent thoughts spliced into its prompt. Each costs a
     forward position like a token, so `total_tokens` counts them.
+
+    `cached_tokens` of the prompt tokens were read from a role prefix kept per backbone
+    (tflow.prefix) instead of run for this query, so `processed_tokens` (what the agent ran for
+    it) is total - cached. The prefix itself runs once per backbone; an evaluation charges it once
+    (tflow.evaluate).
     """
 
     prompt_tokens: int
     generated_tokens: int = 0
     kv_cache_bytes: int = 0
     latent_positions: int = 0
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.generated_tokens + self.latent_positions
+
+    @property
+    def processed_tokens(self) -> int:
+        return self.total_tokens - self.cached_tokens
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,14 @@ class Usage:
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.generated_tokens + self.latent_positions
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(u.cached_tokens for u in self.by_agent.values())
+
+    @property
+    def processed_tokens(self) -> int:
+        return sum(u.processed_tokens for u in self.by_agent.values())
 
     @property
     def kv_cache_bytes(self) -> int:

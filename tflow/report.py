@@ -21,7 +21,9 @@ COLUMNS = ("channel", "accuracy (%)", "processed tokens", "time (s)",
            "tokens vs text", "tokens vs none", "time vs text", "time vs none")
 NOTE = (
     "Processed tokens: prompt tokens (padding excluded) + generated tokens (through the first EOS) "
-    "of every agent, sender prefill included, summed over all queries. Time: wall seconds of every "
+    "of every agent, sender prefill included, summed over all queries; prompt tokens a sender read "
+    "from its role prefix, kept per backbone, are not counted (each prefix is counted once, for the "
+    "query that first ran it). Time: wall seconds of every "
     "stage, each batched call counted once. A ratio is this channel's value over the named "
     "channel's; — where that channel was not run."
 )
@@ -58,7 +60,8 @@ def _channel(r: ChannelResult, n: int) -> dict:
         "seconds_by_stage": r.seconds_by_stage,
         "wall_seconds": r.wall_seconds,
         "peak_memory_bytes": r.peak_memory_bytes,
-        "tokens": {"total": r.tokens, "by_agent": r.tokens_by_agent, "by_stage": r.tokens_by_stage},
+        "tokens": {"total": r.tokens, "by_agent": r.tokens_by_agent, "by_stage": r.tokens_by_stage,
+                   "cached": r.cached_tokens},
         "tokens_per_query": r.tokens / n,
         "kv_cache_bytes": r.kv_cache_bytes,
         "message_bytes": r.message_bytes / n,

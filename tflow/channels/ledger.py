@@ -9,15 +9,21 @@ from contextlib import contextmanager
 import torch
 
 from tflow.agents import Receiver, Sender
-from tflow.generation import kv_cache_bytes
+from tflow.generation import Generated, kv_cache_bytes
 from tflow.reply import AgentUsage
 
 
 def agent_usage(agent: Sender | Receiver, prompt_tokens: int, generated_tokens: int,
-                latent_positions: int = 0) -> AgentUsage:
+                latent_positions: int = 0, cached_tokens: int = 0) -> AgentUsage:
     """One agent's ledger entry, its KV-cache bytes computed from its model's config."""
     cache = kv_cache_bytes(agent.model, prompt_tokens + generated_tokens + latent_positions)
-    return AgentUsage(prompt_tokens, generated_tokens, cache, latent_positions)
+    return AgentUsage(prompt_tokens, generated_tokens, cache, latent_positions, cached_tokens)
+
+
+def generated_usage(agent: Sender | Receiver, out: Generated, row: int) -> AgentUsage:
+    """The ledger entry of row `row` of a generate call."""
+    return agent_usage(agent, out.prompt_tokens[row], out.generated_tokens[row],
+                       cached_tokens=out.cached_tokens[row])
 
 
 def token_id_bytes(tokenizer) -> int:

@@ -1,11 +1,15 @@
-"""The `text` channel (TextMAS): senders write messages in turn, the receiver reads them all."""
+"""The `text` channel (TextMAS): senders write messages in turn, the receiver reads them all.
+
+Senders read their role prefix from kept states (tflow.prefix), as the weights channel's senders
+do, so the two channels' senders pay the same for the role."""
 
 from __future__ import annotations
 
-from tflow.channels.ledger import Stages, agent_usage, token_id_bytes
+from tflow.channels.ledger import Stages, generated_usage, token_id_bytes
 from tflow.channels.registry import Call, register
 from tflow.encoding import token_ids
 from tflow.generation import generate
+from tflow.prefix import prefix_text
 from tflow.reply import AgentUsage, Reply, Usage
 
 
@@ -19,16 +23,17 @@ def run(call: Call) -> list[Reply]:
         for s, sender in enumerate(senders):
             prompts = [sender.prompt(text_turn(q, m), call.context(s, i))
                        for i, (q, m) in enumerate(zip(queries, messages, strict=True))]
-            out = generate(sender.model, sender.tokenizer, prompts, call.settings, max_new_tokens=call.message_tokens)
+            out = generate(sender.model, sender.tokenizer, prompts, call.settings, max_new_tokens=call.message_tokens,
+                           reuse=prefix_text(sender))
             for q, text in enumerate(out.texts):
                 messages[q][call.names[s]] = text
-                ledgers[q][call.names[s]] = agent_usage(sender, out.prompt_tokens[q], out.generated_tokens[q])
+                ledgers[q][call.names[s]] = generated_usage(sender, out, q)
     with stages("receiver"):
         prompts = [receiver.prompt(text_turn(q, m)) for q, m in zip(queries, messages, strict=True)]
         out = generate(receiver.model, receiver.tokenizer, prompts, call.settings, **call.decode)
     replies = []
     for q, text in enumerate(out.texts):
-        ledgers[q][receiver.name] = agent_usage(receiver, out.prompt_tokens[q], out.generated_tokens[q])
+        ledgers[q][receiver.name] = generated_usage(receiver, out, q)
         sent = sum(len(ids) for ids in token_ids(receiver.tokenizer, list(messages[q].values())))
         nbytes = sent * token_id_bytes(receiver.tokenizer)
         replies.append(Reply(text, "text", Usage(ledgers[q]), message_bytes=nbytes, messages=dict(messages[q]),

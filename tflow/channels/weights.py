@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from tflow.channels.ledger import Stages, agent_usage
+from tflow.channels.ledger import Stages, agent_usage, generated_usage
 from tflow.channels.registry import Call, register
 from tflow.delta import LoRADelta
 from tflow.encoding import encode
@@ -48,9 +48,10 @@ def run(call: Call) -> list[Reply]:
     replies = []
     for q, text in enumerate(out.texts):
         ledger = {} if states is None else {
-            call.names[s]: agent_usage(sender, int(states.prompt_tokens[s * len(queries) + q]), 0)
+            call.names[s]: agent_usage(sender, int(states.prompt_tokens[s * len(queries) + q]), 0,
+                                       cached_tokens=int(states.cached_tokens[s * len(queries) + q]))
             for s, sender in enumerate(senders)}
-        ledger[receiver.name] = agent_usage(receiver, out.prompt_tokens[q], out.generated_tokens[q])
+        ledger[receiver.name] = generated_usage(receiver, out, q)
         replies.append(Reply(text, "weights", Usage(ledger), message_bytes=per_row_bytes, **stages.measured,
                              delta_applied=refused[q] is None, warnings=[refused[q]] if refused[q] else [],
                              finish_reason=out.finish_reasons[q]))

@@ -141,7 +141,8 @@ def ledger(reply: Reply) -> dict:
     del out["text"]
     usage = reply.usage
     out["usage"].update(prompt_tokens=usage.prompt_tokens, generated_tokens=usage.generated_tokens,
-                        total_tokens=usage.total_tokens, kv_cache_bytes=usage.kv_cache_bytes)
+                        total_tokens=usage.total_tokens, cached_tokens=usage.cached_tokens,
+                        processed_tokens=usage.processed_tokens, kv_cache_bytes=usage.kv_cache_bytes)
     return out
 
 
