@@ -185,4 +185,3 @@ def _forward_after(model: nn.Module, seqs: list[list[int]], prefixes: list[Prefi
         hidden[:, at, k:k + width] = tail[:, at]
     full, mask = pad_batch(seqs, pad_id, "right", device)
     return hidden[:, :, :mask.shape[1]].masked_fill(~mask[None, :, :, None], 0.0), mask, full, keep
-

@@ -2,9 +2,9 @@
 
 A sender reads its role (and its own context) before the query, and causal attention makes the
 states of those positions independent of everything after them. So they are computed once, kept
-per model, and every later encode prefills only the query part on top of them. The prefix is
-always computed on its own, hit or miss, so an encode gives the same numbers whatever the cache
-holds. The cache is dropped when any parameter or buffer of the model changes: moved, replaced
+per model, and every later encode (and every generate given `reuse`) prefills only the query
+part on top of them. The prefix is always computed on its own, hit or miss, so a call gives the
+same numbers whatever the cache holds. The cache is dropped when any parameter or buffer of the model changes: moved, replaced
 or edited in place (optimizer steps, load_state_dict).
 """
 
