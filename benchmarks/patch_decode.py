@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true",
+                        help="static cache and a torch.compile'd decode step for every variant (plain eager timed too)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -42,13 +44,19 @@ def main() -> None:
         shape["intermediate_size"] = args.intermediate
     model = bench_model(tok, shape, torch.device("cpu"), torch.float32)
     figures = measure_decode(model, hookless_twin(model), len(tok), batch=args.batch, rank=args.rank,
-                             prompt_tokens=args.prompt, new_tokens=args.new, repeats=args.repeats, k=args.k)
+                             prompt_tokens=args.prompt, new_tokens=args.new, repeats=args.repeats, k=args.k,
+                             compiled=args.compile)
     result = {"shape": vars(args), "plain_s": figures["plain_s"], "patched_s": figures["patched_s"],
               "basis_s": figures["basis_s"], "patch_overhead": figures["ratio"],
               "patch_overhead_basis": figures["basis_ratio"], "machine": machine(torch.device("cpu"), torch.float32)}
     print(f"plain   {result['plain_s'] * 1e3:8.1f} ms   (median of {args.repeats})")
     print(f"patched {result['patched_s'] * 1e3:8.1f} ms   rank {args.rank}")
     print(f"basis   {result['basis_s'] * 1e3:8.1f} ms   K {args.k}")
+    if args.compile:
+        result |= {key: figures[key] for key in ("compile_s", "plain_eager_s", "basis_vs_plain_eager")}
+        print(f"plain, eager and dynamic cache {result['plain_eager_s'] * 1e3:8.1f} ms; basis compiled / that = "
+              f"{result['basis_vs_plain_eager']:.3f}; first calls (compiling) "
+              + ", ".join(f"{n} {s:.0f} s" for n, s in result["compile_s"].items()))
     print(f"patched/plain = {result['patch_overhead']:.3f}, basis/plain = {result['patch_overhead_basis']:.3f}"
           f"   ({torch.get_num_threads()} threads)")
     if args.json:

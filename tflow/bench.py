@@ -179,9 +179,16 @@ def hookless_twin(model: nn.Module) -> nn.Module:
 
 
 def measure_decode(model: nn.Module, plain: nn.Module, vocab: int, *, batch: int, rank: int,
-                   prompt_tokens: int, new_tokens: int, repeats: int, k: int = BASIS_K) -> dict:
+                   prompt_tokens: int, new_tokens: int, repeats: int, k: int = BASIS_K,
+                   compiled: bool = False) -> dict:
     """Greedy generate() with a random delta on every targeted linear of `model` vs `plain`, its
-    hookless twin: per-row LoRA factors of `rank`, and cores on a shared basis of size `k`."""
+    hookless twin: per-row LoRA factors of `rank`, and cores on a shared basis of size `k`.
+
+    `compiled`: every variant decodes with a static cache and a torch.compile'd decode step
+    (transformers' own compiled generate, prefill eager), and `plain_eager_s` times the plain twin
+    as it runs by default (eager, dynamic cache), so the compiled figures can be read against it;
+    `compile_s` is each variant's first call, which compiles its graph.
+    """
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
     modules = ReceiverSpec.from_model(model).modules
@@ -192,10 +199,11 @@ def measure_decode(model: nn.Module, plain: nn.Module, vocab: int, *, batch: int
                                  torch.randn(m.out_features, k, generator=g) * 0.02) for m in modules},
                        {m.name: torch.randn(batch, k, k, generator=g) for m in modules}, scale=2.0).to(device)
     ids = torch.randint(3, vocab, (batch, prompt_tokens), generator=g).to(device)
-    settings = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.generation_config.pad_token_id)
+    eager = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.generation_config.pad_token_id)
+    settings = {**eager, "cache_implementation": "static", "compile_config": _cpu_compile()} if compiled else eager
 
-    def run_plain() -> None:
+    def run_plain(settings: dict) -> None:
         with torch.no_grad():
             plain.generate(**settings)
 
@@ -203,12 +211,31 @@ def measure_decode(model: nn.Module, plain: nn.Module, vocab: int, *, batch: int
         with patched(model, d), torch.no_grad():
             model.generate(**settings)
 
-    times = interleaved({"plain": run_plain, "patched": functools.partial(run_patched, delta),
-                         "basis": functools.partial(run_patched, basis)}, repeats)
-    return {"batch": batch, "rank": rank, "k": k, "plain_s": statistics.median(times["plain"]),
-            "patched_s": statistics.median(times["patched"]), "ratio": ratio(times["patched"], times["plain"]),
-            "basis_s": statistics.median(times["basis"]), "basis_ratio": ratio(times["basis"], times["plain"]),
-            "round_seconds": times}
+    variants = {"plain": functools.partial(run_plain, settings), "patched": functools.partial(run_patched, delta),
+                "basis": functools.partial(run_patched, basis)}
+    if compiled:
+        variants["plain_eager"] = functools.partial(run_plain, eager)
+    with patched(model, delta):  # installs the hooks, which drops compiled graphs: before any is traced
+        pass
+    first = {name: _timed(fn) for name, fn in variants.items()}
+    times = interleaved(variants, repeats, warmup=False)
+    figures = {"batch": batch, "rank": rank, "k": k, "plain_s": statistics.median(times["plain"]),
+               "patched_s": statistics.median(times["patched"]), "ratio": ratio(times["patched"], times["plain"]),
+               "basis_s": statistics.median(times["basis"]), "basis_ratio": ratio(times["basis"], times["plain"]),
+               "round_seconds": times}
+    if compiled:
+        figures |= {"compiled": True, "compile_s": first, "plain_eager_s": statistics.median(times["plain_eager"]),
+                    "basis_vs_plain_eager": ratio(times["basis"], times["plain_eager"])}
+    return figures
+
+
+def _cpu_compile():
+    """transformers' compiled decode step, on CPU too (it compiles only on accelerators unless told)."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(mode="default")  # "reduce-overhead" means CUDA graphs
+    config._compile_all_devices = True
+    return config
 
 
 def measure_encoding(model: nn.Module, tok, queries: Sequence[str], repeats: int) -> dict:
