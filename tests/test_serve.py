@@ -1,9 +1,11 @@
 """tflow serve: a real server on 127.0.0.1 (ephemeral port), driven by the official openai client."""
 
+import asyncio
 import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -309,6 +311,31 @@ def test_ctrl_c_finishes_the_request_in_flight_then_exits_0(tiny_checkpoint, tea
     assert (texts[0], reasons[0]) == (expected.text, "length")
     err = proc.stderr.read()
     assert err.strip().endswith("stopped") and "Traceback" not in err, err
+
+
+def test_connections_to_the_bound_socket_get_tcp_nodelay():
+    """asyncio sets TCP_NODELAY only where the socket's proto is IPPROTO_TCP; without it Nagle's
+    algorithm held each response's body behind its headers for the client's delayed ACK (40 ms)."""
+    async def accepted_nodelay() -> int:
+        seen = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info("socket")
+                seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        sock = bind("127.0.0.1", 0)
+        listen(sock)
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
 
 
 def test_serve_cli_mistakes_exit_2_before_loading(tmp_path):
