@@ -8,7 +8,8 @@ import torch
 
 import tflow
 from tflow import checkpoint
-from tflow.errors import CheckpointError
+from tflow.errors import CheckpointError, OutputError
+from tflow.io import exclusive
 from tflow.recipe import load_recipe
 from tflow.training import train
 
@@ -119,6 +120,21 @@ def test_interrupted_run_resumes_to_the_same_final_step(tmp_path):
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(CheckpointError, match="--resume"):
         train(recipe(tmp_path), resume=True, progress=False)
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_before_loading(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with exclusive(out, "tflow train"):  # as a run in another process holds it
+        with pytest.raises(OutputError, match=r"out is in use by another tflow train; wait for it"):
+            train(recipe(tmp_path), progress=False)
+        assert list(out.iterdir()) == [] and not (tmp_path / "model").exists()
+        cmd = [sys.executable, "-m", "tflow.cli", "train", RECIPE, f"model.path={tmp_path}/model",
+               f"train.out_dir={out}"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "in use by another tflow train" in done.stderr
+    with exclusive(out, "tflow train"):  # released when its holder is done: the folder can be taken again
+        pass
 
 
 @pytest.mark.slow

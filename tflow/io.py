@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import Tensor
@@ -47,6 +49,28 @@ def writable_dir(path: str | Path) -> Path:
         why = "it is a file, not a folder" if path.is_file() else err.strerror or err
         raise OutputError(f"cannot write to {path}: {why}; choose a folder you can write to") from None
     return path
+
+
+@contextmanager
+def exclusive(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold `folder` for this process during the block: an advisory lock on the folder itself.
+
+    The kernel drops the lock when its process ends, however it ends, so none goes stale, and no
+    lock file is left in the folder.
+
+    Raises:
+        OutputError: another process holds `folder` (`what` names what it does there).
+    """
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"{folder} is in use by another {what}; wait for it to finish or choose another "
+                              "folder") from None
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
 
 
 def writable_file(path: str | Path) -> Path:

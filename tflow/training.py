@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from tflow import checkpoint
 from tflow.data import Splits, load_splits, teacher_forced
 from tflow.encoding import encode
 from tflow.errors import CheckpointError
-from tflow.io import atomic_write, atomic_write_text, writable_dir
+from tflow.io import atomic_write, atomic_write_text, exclusive, writable_dir
 from tflow.patching import attach, detach, patched
 from tflow.team import Team, load
 
@@ -163,10 +165,8 @@ def train(recipe, *, resume: bool = False, progress: bool = True, callbacks=()) 
 
     Raises:
         RecipeError, DataError, ModelLoadError, CheckpointError (resume without a checkpoint),
-        OutputError (train.out_dir cannot be written).
+        OutputError (train.out_dir cannot be written, or another run is writing there).
     """
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     cfg = recipe.train
     out_dir = Path(cfg.out_dir)
     logs = run_dir(out_dir, cfg.channel)
@@ -174,6 +174,19 @@ def train(recipe, *, resume: bool = False, progress: bool = True, callbacks=()) 
     if resume and not last.is_file():
         raise CheckpointError(f"--resume: {last} does not exist; start without --resume or check train.out_dir")
     writable_dir(out_dir)  # fail before loading any weights, not at the first checkpoint
+    # Two runs into one folder would write over each other's metrics and checkpoints. Lightning's
+    # other ranks re-run this in processes of their own and share the folder of the first.
+    with exclusive(writable_dir(logs), "tflow train") if _first_process() else nullcontext():
+        return _fit(recipe, logs, resume, progress, callbacks)
+
+
+def _fit(recipe, logs: Path, resume: bool, progress: bool, callbacks) -> TrainResult:
+    """The body of `train`, once the run holds its folder."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cfg = recipe.train
+    out_dir = Path(cfg.out_dir)
+    last = logs / LIGHTNING_DIR / "last.ckpt"
     L.seed_everything(recipe.seed, verbose=False)
     splits = load_splits(recipe)  # data problems surface before any weights load
     team = load(recipe)
@@ -228,6 +241,11 @@ def train(recipe, *, resume: bool = False, progress: bool = True, callbacks=()) 
 def run_dir(out_dir: Path, channel: str) -> Path:
     """Where a run of `channel` into `out_dir` keeps metrics.csv and its Lightning checkpoint."""
     return out_dir if channel == "weights" else out_dir / f"{channel}-run"
+
+
+def _first_process() -> bool:
+    """Whether this is the process a run starts in, not one of the ranks Lightning or torchrun starts."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 def _module(channel: str) -> type[ChannelModule]:
