@@ -7,12 +7,14 @@ import torch
 from conftest import two_senders
 
 from tflow import Receiver, Sender, communicate
+from tflow import trace as trace_module
 from tflow.channels.kv import aligner, build_trace
 from tflow.channels.kv_lora import KVLoRA
 from tflow.channels.registry import Call
 from tflow.encoding import token_ids
 from tflow.errors import ChannelError, QueryError
 from tflow.generation import GenerationSettings, kv_cache_bytes
+from tflow.prefix import prefix_text
 from tflow.spec import ReceiverSpec
 
 QUERIES = ["What is the secret code of Lisbon?", "Hi", "one two three four five six seven eight nine"]
@@ -66,7 +68,7 @@ def test_batched_trace_equals_latentmas_on_one_unpadded_query(team, steps):
     senders, receiver = team
     call = Call(senders, receiver, QUERIES, GenerationSettings(), ["strategist", "extractor"], None, latent_steps=steps)
     with torch.no_grad():
-        trace, _ = build_trace(call)
+        trace = build_trace(call)[0]
         seqs = token_ids(receiver.tokenizer, [receiver.prompt(q) for q in QUERIES])
         logits = trace.append_ids(seqs, receiver.tokenizer.pad_token_id, full=True).logits[:, -1]
     for q, query in enumerate(QUERIES):
@@ -95,6 +97,27 @@ def test_the_ledger_counts_latent_steps_and_the_trace_bytes(team, tok, lively):
     assert reply.usage.latent_positions == 8
     assert reply.message_bytes == kv_cache_bytes(lively, sum(prompts) + 8)
     assert reply.channel == "kv" and reply.usage.by_agent["executor"].latent_positions == 0
+
+
+def test_the_first_sender_reads_its_role_from_a_kept_prefix_and_the_trace_stays_the_same(team, tok, monkeypatch):
+    senders, receiver = team
+    call = Call(senders, receiver, QUERIES, GenerationSettings(), ["strategist", "extractor"], None, latent_steps=2)
+    with torch.no_grad():
+        reused, counts, cached = build_trace(call)
+        monkeypatch.setattr(trace_module, "reusable", lambda model: False)  # every prompt runs whole
+        full, full_counts, none = build_trace(call)
+    role = len(token_ids(tok, [prefix_text(senders[0])])[0])
+    assert cached == [role] * len(QUERIES) and none == [0] * len(QUERIES) and counts == full_counts
+    assert reused.lengths() == full.lengths()
+    for row, whole in zip(reused.rows_kv(), full.rows_kv(), strict=True):
+        for (k, v), (k_full, v_full) in zip(row, whole, strict=True):
+            torch.testing.assert_close(k, k_full, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(v, v_full, atol=1e-5, rtol=1e-4)
+    monkeypatch.undo()
+    reply = communicate(senders, receiver, QUERIES[0], channel="kv", max_new_tokens=4)
+    first, second = (reply.usage.by_agent[s.name] for s in senders)
+    assert (first.cached_tokens, second.cached_tokens) == (role, 0)  # the second's turn follows the first's
+    assert reply.usage.processed_tokens == reply.usage.total_tokens - role
 
 
 def test_realignment_is_near_identity_for_tied_embeddings(qwen):

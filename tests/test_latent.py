@@ -8,10 +8,12 @@ from conftest import perturb
 from test_kv import Tokens
 
 from tflow import Receiver, Sender, communicate, tiny
+from tflow import trace as trace_module
 from tflow.channels.latent import SLOT, receiver_turn, spliced
 from tflow.channels.links import InnerLink, Links, OuterLink, inner_loss
 from tflow.encoding import token_ids
 from tflow.errors import ChannelError, QueryError
+from tflow.prefix import prefix_text
 
 QUERIES = ["What is the secret code of Lisbon?", "Hi", "one two three four five six seven eight nine"]
 
@@ -91,6 +93,23 @@ def test_the_ledger_counts_every_pass_and_the_vectors_sent(team, tok):
     assert two.usage.by_agent["executor"].prompt_tokens == 2 * receiver_tokens
     assert two.usage.by_agent["executor"].latent_positions == 2 * (2 * steps) + steps - 1
     assert two.message_bytes == (2 * steps + steps + steps) * 64 * 4  # + the new first message, + feedback
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_senders_read_their_roles_from_kept_prefixes_and_say_the_same(team, tok, monkeypatch, rounds):
+    senders, receiver = team
+    reused, tokens = ask(senders, receiver, QUERIES, latent_steps=3, rounds=rounds)
+    monkeypatch.setattr(trace_module, "reusable", lambda model: False)  # every prompt runs whole
+    full, full_tokens = ask(senders, receiver, QUERIES, latent_steps=3, rounds=rounds)
+    assert tokens == full_tokens
+    roles = [len(token_ids(tok, [prefix_text(s)])[0]) for s in senders]
+    rollouts = [rounds, 1]  # the first sender reads the receiver's feedback in a rollout a round
+    for a, b in zip(reused, full, strict=True):
+        for sender, role, n in zip(senders, roles, rollouts, strict=True):
+            usage, whole = a.usage.by_agent[sender.name], b.usage.by_agent[sender.name]
+            assert (usage.cached_tokens, whole.cached_tokens) == (n * role, 0)
+            assert (usage.prompt_tokens, usage.latent_positions) == (whole.prompt_tokens, whole.latent_positions)
+        assert a.usage.by_agent["executor"] == b.usage.by_agent["executor"]
 
 
 def test_links_have_the_published_shapes_and_inner_loss_is_zero_at_a_fit():

@@ -74,7 +74,7 @@ class KVModule(_Examples):
         call = Call(team.senders, receiver, queries, GenerationSettings(), sender_names(team.senders, receiver),
                     contexts, latent_steps=kv.latent_steps, realign=kv.realign)
         with torch.no_grad():
-            trace, _ = build_trace(call)
+            trace = build_trace(call)[0]
         tok = receiver.tokenizer
         seqs, labels = teacher_forced_ids(tok, [receiver.prompt(q) for q in queries], targets,
                                           team.recipe.train.max_length)

@@ -13,7 +13,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from tflow.encoding import pad_batch, token_ids
 from tflow.errors import QueryError
-from tflow.prefix import prefixes, reusable, reused_lengths
+from tflow.prefix import reusable
 from tflow.trace import Trace
 
 
@@ -162,14 +162,10 @@ def generate_ids(model: nn.Module, tokenizer, seqs: Sequence[Sequence[int]], set
 def _generate_after(model: nn.Module, tokenizer, seqs: Sequence[Sequence[int]], settings: GenerationSettings,
                     max_new_tokens: int | None, reuse: Sequence[tuple[int, ...]], **options) -> Generated:
     """`generate_ids` of each row's rest on top of the kept states of its prefix (a left-padded Trace)."""
-    kept = prefixes(model, list(reuse))
-    keep = reused_lengths(seqs, kept)
+    trace, keep = Trace.after_prefixes(model, seqs, reuse)
     if max(keep) == 0:
         out = generate_ids(model, tokenizer, seqs, settings, max_new_tokens, **options)
     else:
-        layers = range(kept[0].keys.shape[0])
-        trace = Trace.from_rows(model, [[(p.keys[layer][:, :k], p.values[layer][:, :k]) for layer in layers]
-                                        for p, k in zip(kept, keep, strict=True)])
         out = generate_ids(model, tokenizer, [s[k:] for s, k in zip(seqs, keep, strict=True)], settings,
                            max_new_tokens, past=trace, **options)
     return replace(out, prompt_tokens=[len(s) for s in seqs], cached_tokens=keep)

@@ -25,7 +25,7 @@ from tflow.agents import Receiver, Sender
 from tflow.channels import sender_names
 from tflow.channels.dispatch import by_sender
 from tflow.channels.kv import build_trace
-from tflow.channels.latent import converse
+from tflow.channels.latent import converse, tallies
 from tflow.channels.ledger import Stages
 from tflow.channels.registry import Call
 from tflow.generation import GenerationSettings
@@ -102,7 +102,7 @@ def latent_messages(senders: Sequence[Sender], receiver: Receiver, queries: Sequ
     names = sender_names(senders, receiver)
     parts = []
     for call in _calls(senders, receiver, queries, contexts, batch_size, settings):
-        seen = {name: [[0, 0] for _ in call.queries] for name in [*names, receiver.name]}
+        seen = tallies([*names, receiver.name], len(call.queries))
         with torch.no_grad():
             parts.append(converse(call, Stages(senders, receiver), seen)[0].cpu())
     thoughts = torch.cat(parts)

@@ -75,8 +75,8 @@ def prefixes(model: nn.Module, id_lists: list[tuple[int, ...]]) -> list[Prefix]:
         cache = _CACHES.get(model)
         if cache is None or cache.stamp != now:
             cache = _CACHES[model] = _ModelCache(now)
-    found = []
-    for ids in id_lists:
+    found: dict[tuple[int, ...], Prefix] = {}  # rows sharing a prefix (the usual case) look it up once
+    for ids in dict.fromkeys(id_lists):
         with _LOCK:
             hit = cache.entries.get(ids)
             if hit is not None:
@@ -87,8 +87,8 @@ def prefixes(model: nn.Module, id_lists: list[tuple[int, ...]]) -> list[Prefix]:
                 cache.entries[ids] = hit
                 while len(cache.entries) > MAX_PREFIXES:
                     cache.entries.popitem(last=False)
-        found.append(hit)
-    return found
+        found[ids] = hit
+    return [found[ids] for ids in id_lists]
 
 
 def reused_lengths(seqs: Sequence[Sequence[int]], kept: Sequence[Prefix]) -> list[int]:

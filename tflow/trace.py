@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from tflow.encoding import pad_batch
+from tflow.prefix import prefixes, reusable, reused_lengths
 
 
 class Trace:
@@ -63,6 +64,23 @@ class Trace:
         trace.cache = DynamicCache(ddp_cache_data=layers, config=model.config)
         trace.mask = mask.to(trace.device)
         return trace
+
+    @classmethod
+    def after_prefixes(cls, model: nn.Module, seqs: Sequence[Sequence[int]],
+                       prefix_ids: Sequence[tuple[int, ...]]) -> tuple[Trace, list[int]]:
+        """A trace holding, for each row of `seqs`, the leading tokens it shares with its prefix
+        `prefix_ids[r]`, read from the states kept per model (tflow.prefix), and how many tokens
+        that is per row: the rest of each row is still to be appended. Holds nothing (all zeros)
+        where the model reads no kept states (`reusable`: training or patched)."""
+        if not reusable(model):
+            return cls(model, len(seqs)), [0] * len(seqs)
+        kept = prefixes(model, list(prefix_ids))
+        keep = reused_lengths(seqs, kept)
+        if max(keep) == 0:
+            return cls(model, len(seqs)), keep
+        layers = range(kept[0].keys.shape[0])
+        return cls.from_rows(model, [[(p.keys[layer][:, :k], p.values[layer][:, :k]) for layer in layers]
+                                     for p, k in zip(kept, keep, strict=True)]), keep
 
     def append_ids(self, seqs: Sequence[Sequence[int]], pad_id: int, *, full: bool = False):
         """Append one token segment per row (left-padded); returns the forward's output.

@@ -21,7 +21,7 @@ from tflow.encoding import token_ids
 from tflow.errors import ChannelError
 from tflow.generation import generate, kv_cache_bytes
 from tflow.patching import patched
-from tflow.prefix import stamp
+from tflow.prefix import prefix_text, stamp
 from tflow.reply import Reply, Usage
 from tflow.trace import Trace, last_real
 
@@ -46,9 +46,9 @@ def run(call: Call) -> list[Reply]:
     stages = Stages(call.senders, receiver)
     if call.message is None:
         with stages("senders"), torch.no_grad():
-            trace, prompt_tokens = build_trace(call)
+            trace, prompt_tokens, cached = build_trace(call)
     else:  # a trace made earlier (ablations): the senders do not run
-        trace, prompt_tokens = Trace.from_rows(model, call.message), None
+        trace, prompt_tokens, cached = Trace.from_rows(model, call.message), None, None
     trace_bytes = [kv_cache_bytes(model, n) for n in trace.lengths()]
     lora = receiver.kv_lora
     with stages("receiver"), (patched(model, lora.delta()) if lora is not None else nullcontext()):
@@ -57,7 +57,7 @@ def run(call: Call) -> list[Reply]:
     replies = []
     for q, text in enumerate(out.texts):
         ledger = {} if prompt_tokens is None else {
-            call.names[s]: agent_usage(sender, prompt_tokens[s][q], 0, call.latent_steps)
+            call.names[s]: agent_usage(sender, prompt_tokens[s][q], 0, call.latent_steps, cached[q] if s == 0 else 0)
             for s, sender in enumerate(call.senders)}
         ledger[receiver.name] = agent_usage(receiver, out.prompt_tokens[q], out.generated_tokens[q])
         replies.append(Reply(text, "kv", Usage(ledger), message_bytes=trace_bytes[q], **stages.measured,
@@ -65,19 +65,27 @@ def run(call: Call) -> list[Reply]:
     return replies
 
 
-def build_trace(call: Call) -> tuple[Trace, list[list[int]]]:
-    """The senders' shared trace over every query, and each sender's prompt tokens per query."""
+def build_trace(call: Call) -> tuple[Trace, list[list[int]], list[int]]:
+    """The senders' shared trace over every query, each sender's prompt tokens per query, and the
+    first sender's tokens per query read from its kept role prefix (tflow.prefix) instead of run.
+
+    Only the first sender's turn starts the trace, so only its role prefix is the same states for
+    every query; the later senders' turns come after the earlier ones' and run whole.
+    """
     model, tokenizer = call.receiver.model, call.receiver.tokenizer
-    trace = Trace(model, len(call.queries))
     align = aligner(model, call.realign)
     counts = []
     for s, sender in enumerate(call.senders):
         seqs = token_ids(tokenizer, [sender.prompt(q, call.context(s, i)) for i, q in enumerate(call.queries)])
         counts.append([len(ids) for ids in seqs])
+        if s == 0:
+            role = tuple(token_ids(tokenizer, [prefix_text(sender)])[0])
+            trace, cached = Trace.after_prefixes(model, seqs, [role] * len(seqs))
+            seqs = [ids[k:] for ids, k in zip(seqs, cached, strict=True)]
         h = last_real(trace.append_ids(seqs, tokenizer.pad_token_id).last_hidden_state)
         for _ in range(call.latent_steps):
             h = last_real(trace.append_embeds(align(h)[:, None]).last_hidden_state)
-    return trace, counts
+    return trace, counts, cached
 
 
 def aligner(model: nn.Module, realign: bool):

@@ -25,6 +25,7 @@ from tflow.channels.text import text_turn
 from tflow.encoding import token_ids
 from tflow.errors import ChannelError
 from tflow.generation import generate_ids
+from tflow.prefix import prefix_text
 from tflow.reply import Reply, Usage
 from tflow.trace import Trace, last_real
 
@@ -54,7 +55,7 @@ def run(call: Call) -> list[Reply]:
     senders, receiver = call.senders, call.receiver
     q_count = len(call.queries)
     stages = Stages(senders, receiver)
-    seen = {name: [[0, 0] for _ in call.queries] for name in [*call.names, receiver.name]}  # [prompt, latent]
+    seen = tallies([*call.names, receiver.name], q_count)
     with torch.no_grad():
         if call.message is None:
             message, sent = converse(call, stages, seen)
@@ -77,9 +78,9 @@ def run(call: Call) -> list[Reply]:
     for q, text in enumerate(out.texts):
         ledger = {}
         for name, agent in agents:
-            prompt, latent = seen[name][q]
+            prompt, latent, cached = seen[name][q]
             generated = out.generated_tokens[q] if agent is receiver else 0
-            ledger[name] = agent_usage(agent, prompt, generated, latent)
+            ledger[name] = agent_usage(agent, prompt, generated, latent, cached)
         replies.append(Reply(text, "latent", Usage(ledger), message_bytes=sent[q] * itemsize, **stages.measured,
                              finish_reason=out.finish_reasons[q]))
     return replies
@@ -108,21 +109,30 @@ def converse(call: Call, stages: Stages, seen: dict[str, list[list[int]]]) -> tu
                     continue  # unchanged since the last round
                 texts = [sender_turn(sender, q, call.context(s, i), feedback is not None and s == 0,
                                      receiver.name) for i, q in enumerate(call.queries)]
+                role = tuple(token_ids(sender.tokenizer, [prefix_text(sender)])[0])
                 done = rollout(sender.model, sender.tokenizer, texts, links.inner[s], steps,
-                               feedback if s == 0 else None)
+                               feedback if s == 0 else None, prefix=role)
                 thoughts[s] = done.thoughts
-                _count(seen[call.names[s]], done.counts, steps - 1 if steps else 0)
+                _count(seen[call.names[s]], done.counts, steps - 1 if steps else 0, done.cached)
         message = torch.cat([links.outer[s](t) for s, t in enumerate(thoughts)], dim=1)
         changed = message.shape[1] if r == 0 else thoughts[0].shape[1]
         sent = [n + changed * message.shape[-1] for n in sent]
     return message, sent
 
 
-def _count(ledger: list[list[int]], counts: list[tuple[int, int]], steps_fed: int) -> None:
-    """Add one pass's (text tokens, spliced vectors) per query and the latent steps it fed."""
-    for row, (tokens, vectors) in zip(ledger, counts, strict=True):
+def tallies(names: Sequence[str], queries: int) -> dict[str, list[list[int]]]:
+    """Per agent, per query, the [prompt tokens, latent positions, cached tokens] `converse` adds up."""
+    return {name: [[0, 0, 0] for _ in range(queries)] for name in names}
+
+
+def _count(ledger: list[list[int]], counts: list[tuple[int, int]], steps_fed: int,
+           cached: Sequence[int] | None = None) -> None:
+    """Add one pass's (text tokens, spliced vectors) per query, the latent steps it fed and the
+    text tokens it read from a kept prefix."""
+    for q, (row, (tokens, vectors)) in enumerate(zip(ledger, counts, strict=True)):
         row[0] += tokens
         row[1] += vectors + steps_fed
+        row[2] += cached[q] if cached is not None else 0
 
 
 def sender_turn(sender, query: str, context: str | None, with_feedback: bool, receiver: str) -> str:
@@ -139,15 +149,17 @@ def receiver_turn(receiver, query: str, names: Sequence[str]) -> str:
 
 
 def spliced(model: nn.Module, tokenizer, texts: Sequence[str], vectors: Tensor | None, *, keep_last: bool = True,
-            tails: Sequence[Sequence[int]] | None = None, slots: int = 1) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
+            tails: Sequence[Sequence[int]] | None = None, slots: int = 1,
+            skip: Sequence[int] | None = None) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
     """Left-padded input embeddings of `texts`, `vectors` [N, k, H] in place of each text's slots.
 
     Each text's last `slots` slots get the equal blocks of its row of `vectors`, in order, one per
     slot (a slot marker typed into a query, earlier in the text, stays text); a text without a slot
     (vectors None) is embedded whole. Without `keep_last`, each row's last
     token is left out (generation reads it). `tails[i]`, when given, are token ids appended to
-    row i (teacher forcing). Returns embeds [N, W, H], mask [N, W] long and per row (text tokens,
-    spliced vectors); the tails are not counted.
+    row i (teacher forcing). `skip[i]` leading tokens of row i are left out (a kept prefix supplies
+    them; they are still counted). Returns embeds [N, W, H], mask [N, W] long and per row (text
+    tokens, spliced vectors); the tails are not counted.
 
     Raises:
         ChannelError: a text with fewer than `slots` slots.
@@ -160,6 +172,8 @@ def spliced(model: nn.Module, tokenizer, texts: Sequence[str], vectors: Tensor |
                                "are needed; each sender's message needs its own slot")
         ids = token_ids(tokenizer, pieces)
         counts.append((sum(map(len, ids)), vectors.shape[1] if vectors is not None else 0))
+        if skip is not None:
+            ids[0] = ids[0][skip[i]:]
         if not keep_last:
             ids[-1] = ids[-1][:-1]
         parts = [embed(model, ids[0])]
@@ -181,22 +195,29 @@ def spliced(model: nn.Module, tokenizer, texts: Sequence[str], vectors: Tensor |
 
 class Rollout(NamedTuple):
     """thoughts [N, steps, H]; counts as `spliced`'s; the prompt's embeds [N, W, H], mask [N, W] and
-    last-layer states [N, W, H] (what the InnerLinks are trained on)."""
+    last-layer states [N, W, H] (what the InnerLinks are trained on), past the `cached` leading
+    tokens of each row read from a kept prefix."""
 
     thoughts: Tensor
     counts: list[tuple[int, int]]
     embeds: Tensor
     mask: Tensor
     hidden: Tensor
+    cached: list[int]
 
 
 def rollout(model: nn.Module, tokenizer, texts: Sequence[str], inner: nn.Module, steps: int,
-            vectors: Tensor | None = None, slots: int = 1) -> Rollout:
+            vectors: Tensor | None = None, slots: int = 1, prefix: tuple[int, ...] | None = None) -> Rollout:
     """`steps` latent thoughts of `model` after reading `texts` (with `vectors` at their slot):
     thought t is inner(h_t), and is fed as the next input embedding, the last one excepted
-    (nothing reads its output)."""
-    embeds, mask, counts = spliced(model, tokenizer, texts, vectors, slots=slots)
-    trace = Trace(model, len(texts))
+    (nothing reads its output). With `prefix` (the ids every text starts with: a sender's role,
+    `tflow.prefix.prefix_text`), each row reads the leading tokens it shares with it from the
+    states kept per model and runs only the rest, where the model allows it (`reusable`)."""
+    trace, cached = Trace(model, len(texts)), [0] * len(texts)
+    if prefix is not None:
+        heads = [text.rsplit(SLOT, slots)[0] if vectors is not None else text for text in texts]
+        trace, cached = Trace.after_prefixes(model, token_ids(tokenizer, heads), [prefix] * len(texts))
+    embeds, mask, counts = spliced(model, tokenizer, texts, vectors, slots=slots, skip=cached)
     prompt = trace.append_embeds(embeds, mask).last_hidden_state
     h = last_real(prompt)
     thoughts = []
@@ -205,4 +226,4 @@ def rollout(model: nn.Module, tokenizer, texts: Sequence[str], inner: nn.Module,
         if t < steps - 1:
             h = last_real(trace.append_embeds(thoughts[-1][:, None].to(embeds.dtype)).last_hidden_state)
     out = torch.stack(thoughts, dim=1) if thoughts else embeds.new_zeros(len(texts), 0, embeds.shape[-1])
-    return Rollout(out, counts, embeds, mask, prompt)
+    return Rollout(out, counts, embeds, mask, prompt, cached)
