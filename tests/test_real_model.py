@@ -7,6 +7,9 @@ import torch
 
 import tflow
 from tflow import gguf_models
+from tflow import trace as trace_module
+from tflow.encoding import token_ids
+from tflow.prefix import prefix_text
 from tflow.tasks import relay
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +96,24 @@ def test_latentmas_is_batch_exact_and_carries_the_documents(team, examples):
     assert [r.text for r in batched] != [r.text for r in none]  # the receiver reads the trace
 
 
+def roles(team):
+    """Each sender's role prefix in tokens: what it reads from kept states."""
+    return [len(token_ids(s.tokenizer, [prefix_text(s)])[0]) for s in team.senders]
+
+
+def test_kv_senders_read_the_first_role_from_kept_states_and_say_the_same(team, examples, monkeypatch):
+    reused = ask(team, examples, "kv", latent_steps=4)
+    monkeypatch.setattr(trace_module, "reusable", lambda model: False)  # every prompt runs whole
+    whole = ask(team, examples, "kv", latent_steps=4)
+    assert [r.text for r in reused] == [r.text for r in whole]
+    first, second = team.senders
+    assert roles(team)[0] > 20  # SmolLM2's chat template and the role: most of a sender's prompt
+    for r, w in zip(reused, whole, strict=True):
+        assert r.usage.by_agent[first.name].cached_tokens == roles(team)[0]
+        assert r.usage.by_agent[second.name].cached_tokens == 0  # its turn follows the first's
+        assert w.usage.cached_tokens == 0 and r.usage.prompt_tokens == w.usage.prompt_tokens
+
+
 @pytest.mark.slow
 def test_latent_links_are_batch_exact_on_the_real_model(team, examples):
     batched = ask(team, examples, "latent", latent_steps=3, rounds=2)
@@ -100,3 +121,6 @@ def test_latent_links_are_batch_exact_on_the_real_model(team, examples):
     assert [r.text for r in batched] == [r.text for r in alone]
     assert [r.usage for r in batched] == [r.usage for r in alone]
     assert all(r.message_bytes == (2 * 3 + 3 + 3) * 576 * 4 for r in batched)
+    first, second = roles(team)  # the first sender reads its role in both of its rollouts
+    assert [(r.usage.by_agent[team.senders[0].name].cached_tokens,
+             r.usage.by_agent[team.senders[1].name].cached_tokens) for r in batched] == [(2 * first, second)] * 3
