@@ -4,6 +4,7 @@ import asyncio
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,14 +20,17 @@ from dataclasses import asdict
 import openai
 import pytest
 import torch
+from conftest import perturb
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 import tflow
+from tflow import checkpoint
 from tflow.cli import app as cli
+from tflow.export import base_model_name
 from tflow.recipe import load_recipe
-from tflow.serving.app import ServeSettings, create_app
+from tflow.serving.app import ServeSettings, create_app, served_channels
 from tflow.serving.server import bind, listen, uvicorn_server
 
 KEY = "s3cret"
@@ -43,10 +47,24 @@ def team(tiny_checkpoint):
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def full_team(tiny_checkpoint, tmp_path_factory):
+    """The tiny team with every trained part: the generator, a kv LoRA and latent links (not zero)."""
+    overrides, ckpt = tiny_checkpoint
+    folder = tmp_path_factory.mktemp("full") / "ckpt"
+    shutil.copytree(ckpt, folder)
+    team = tflow.load(load_recipe("recipes/tiny.yaml", overrides), ckpt)
+    perturb(team.receiver.kv_lora, seed=2, std=0.2)
+    checkpoint.save_kv(team.receiver.kv_lora, folder, team.recipe, base_model_name(team.receiver.model))
+    checkpoint.save_links(team.receiver.links, folder, checkpoint.links_fingerprint(team.senders, team.receiver),
+                          team.recipe)
+    return tflow.load(load_recipe("recipes/tiny.yaml", overrides), folder)
+
+
 @contextmanager
-def serving(team, **options):
+def serving(team, channels=("weights", "text", "none"), **options):
     """A server for `team` on a free loopback port, in a thread: yields (base url, its Metrics)."""
-    app = create_app(team, ["weights", "text", "none"],
+    app = create_app(team, list(channels),
                      ServeSettings(**{"api_key": KEY, "max_body_bytes": 16384, "max_wait_ms": 5, **options}))
     sock = bind("127.0.0.1", 0)
     url = listen(sock)
@@ -142,6 +160,44 @@ def test_concurrent_requests_answer_exactly_as_offline_and_share_batches(team):
         assert sample(metrics, "tflow_batch_size_sum", channel=channel) == n
         assert sample(metrics, "tflow_requests_total", channel=channel, status="200") == n
     assert sample(metrics, "tflow_batch_size_count", channel="weights") < rows["weights"]  # batched
+
+
+def test_kv_and_latent_parts_are_served_and_answer_as_offline(full_team):
+    assert served_channels(full_team) == ["weights", "kv", "latent", "text", "none"]
+    queries = [LONG, "Hi", "one two three four five six seven eight nine", "What is the code?"]
+    with serving(full_team, served_channels(full_team), max_batch=8, max_wait_ms=300) as (url, metrics):
+        api = client(url)
+
+        def ask(job):
+            channel, query, stream = job
+            out = api.chat.completions.create(model=f"tflow-{channel}", messages=[{"role": "user", "content": query}],
+                                              max_tokens=5, stream=stream,
+                                              extra_body={"tflow": {"contexts": {"reader": DOC}}})
+            if stream:
+                texts, reasons, ledgers, _ = streamed(out)
+                return texts[0], reasons[0], ledgers[0]
+            return out.choices[0].message.content, out.choices[0].finish_reason, out.choices[0].model_extra["tflow"]
+
+        jobs = [(c, q, i % 2 == 0) for c in ("kv", "latent") for i, q in enumerate(queries)]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(ask, jobs))
+        assert [m.id for m in api.models.list()] == [f"tflow-{c}" for c in served_channels(full_team)]
+        # The receiver's prompt fits its context of 512 alone, not on top of the reader's trace.
+        long = json.dumps({"messages": [{"role": "user", "content": "code " * 100}], "max_tokens": 5})
+        assert raw(url, "/v1/chat/completions", long.replace("{", '{"model": "tflow-weights", ', 1).encode())[0] == 200
+        status, _, body = raw(url, "/v1/chat/completions", long.replace("{", '{"model": "tflow-kv", ', 1).encode())
+        assert (status, body["error"]["code"]) == (400, "context_length_exceeded")
+        assert "exceeds its context of 512 tokens" in body["error"]["message"]
+    for (channel, query, _), (text, reason, ledger) in zip(jobs, answers, strict=True):
+        alone = offline(full_team, query, channel, 5, {"reader": DOC})
+        assert (text, reason) == (alone.text, alone.finish_reason) and ledger["channel"] == channel
+        assert ledger["usage"]["by_agent"] == asdict(alone.usage)["by_agent"]
+        assert ledger["message_bytes"] == alone.message_bytes > 0
+    for channel in ("kv", "latent"):
+        assert sample(metrics, "tflow_batch_size_sum", channel=channel) == len(queries)
+        assert sample(metrics, "tflow_batch_size_count", channel=channel) < len(queries)  # batched
+    assert [offline(full_team, q, "kv", 5).text for q in queries] != [offline(full_team, q, "none", 5).text
+                                                                      for q in queries]
 
 
 def test_stream_of_n_choices_with_usage_and_ledger(team):

@@ -355,7 +355,8 @@ def bench(
 def serve(
     recipe: RecipeArg,
     checkpoint: Annotated[Path | None, typer.Option(
-        help="Trained generator folder (a train.out_dir); without one only tflow-none and tflow-text are served.")]
+        help="Trained folder (a train.out_dir): tflow-weights, tflow-kv and tflow-latent for the parts it holds; "
+             "without one only tflow-none and tflow-text are served.")]
     = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on; 0 picks a free one.")] = 8000,
@@ -371,9 +372,10 @@ def serve(
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch (default: torch's choice).")] = None,
     overrides: SetOption = None,
 ) -> None:
-    """Serve the team over an OpenAI-compatible API: one model id per channel (tflow-weights,
-    tflow-text, tflow-none), concurrent requests batched with a delta per row. Ctrl-C finishes the
-    requests in flight, then exits."""
+    """Serve the team over an OpenAI-compatible API: one model id per channel (tflow-text,
+    tflow-none, and tflow-weights, tflow-kv, tflow-latent for each part the checkpoint holds),
+    concurrent requests batched with a delta per row. Ctrl-C finishes the requests in flight, then
+    exits."""
     from tflow.serving.app import ServeSettings
     from tflow.serving.server import bind
 
@@ -383,13 +385,13 @@ def serve(
         import torch
 
         import tflow
-        from tflow.serving.app import create_app
+        from tflow.serving.app import create_app, served_channels
         from tflow.serving.server import listen, run
 
         if threads is not None:
             torch.set_num_threads(threads)
         team = tflow.load(recipe, checkpoint, overrides or ())
-        channels = (["weights"] if "weights" in team.trained else []) + ["text", "none"]
+        channels = served_channels(team)
         app = create_app(team, channels, settings)
     except BaseException:
         sock.close()

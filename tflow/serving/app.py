@@ -70,6 +70,12 @@ class ServeSettings:
             raise ServeError("; ".join(problems))
 
 
+def served_channels(team) -> list[str]:
+    """The channels a team can be served on: text and none, and each channel whose trained part
+    its checkpoint held (weights, kv, latent)."""
+    return [c for c in ("weights", "kv", "latent") if c in team.trained] + ["text", "none"]
+
+
 def create_app(team, channels: Sequence[str], settings: ServeSettings = ServeSettings()) -> FastAPI:
     """The app serving `team` on `channels` (model ids `tflow-<channel>`)."""
     metrics = Metrics()
