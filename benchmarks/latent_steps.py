@@ -81,7 +81,7 @@ def main(argv: list[str]) -> None:
                                         contexts=[e.contexts for e in batch], **options)
         rows.append({"channel": team.label(channel), **options, "n": n,
                      "accuracy": sum(task.score(r.text, e) for r, e in zip(replies, examples, strict=True)) / n,
-                     "tokens_per_query": sum(r.usage.total_tokens for r in replies) / n,
+                     "tokens_per_query": sum(r.usage.processed_tokens for r in replies) / n,
                      "message_bytes_per_query": sum(r.message_bytes for r in replies) / n,
                      "seconds": round(time.perf_counter() - began, 1)})
         print(json.dumps(rows[-1]), flush=True)

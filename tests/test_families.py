@@ -148,6 +148,9 @@ def test_ask_through_a_recipe(family, tmp_path):
     expected = team.communicate(question)
     assert result.stdout == expected.text + "\n"
     assert result.stderr.startswith(f"[weights] tokens {expected.usage.total_tokens} ")
+    u = expected.usage
+    assert f"of which cached {u.cached_tokens}, generated {u.generated_tokens}; processed {u.processed_tokens})" \
+        in result.stderr and u.cached_tokens > 0
     assert expected.text != team.communicate(question, channel="none").text
 
 

@@ -182,8 +182,8 @@ def ask(
         typer.echo(f"warning: {warning}", err=True)
     u = reply.usage
     stages = " ".join(f"{k} {v:.3f}s" for k, v in reply.timings.items())
-    typer.echo(f"[{reply.channel}] tokens {u.total_tokens} (prompt {u.prompt_tokens}, generated "
-               f"{u.generated_tokens}) · {stages}", err=True)
+    typer.echo(f"[{reply.channel}] tokens {u.total_tokens} (prompt {u.prompt_tokens} of which cached "
+               f"{u.cached_tokens}, generated {u.generated_tokens}; processed {u.processed_tokens}) · {stages}", err=True)
 
 
 @app.command("eval")
