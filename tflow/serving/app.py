@@ -71,9 +71,15 @@ class ServeSettings:
 
 
 def served_channels(team) -> list[str]:
-    """The channels a team can be served on: text and none, and each channel whose trained part
-    its checkpoint held (weights, kv, latent)."""
-    return [c for c in ("weights", "kv", "latent") if c in team.trained] + ["text", "none"]
+    """The channels a team can be served on: weights and latent when its checkpoint held their
+    trained parts, kv whenever every sender shares the receiver's backbone (the kv channel's one
+    KV trace; LatentMAS while its LoRA is untrained, as `tflow eval` runs it), text and none."""
+    channels = ["weights"] if "weights" in team.trained else []
+    if all(s.model is team.receiver.model for s in team.senders):
+        channels.append("kv")
+    if "latent" in team.trained:
+        channels.append("latent")
+    return [*channels, "text", "none"]
 
 
 def create_app(team, channels: Sequence[str], settings: ServeSettings = ServeSettings()) -> FastAPI:
