@@ -33,12 +33,15 @@ def export(tiny_checkpoint, out, *extra):
     return result
 
 
-def peft_model(team, adapter):
+def peft_model(team, adapter, tied=False):
     """PeftModel.from_pretrained on a copy of the receiver, with every warning an error: peft only
-    warns about keys it cannot place, and the adapter then silently does nothing there."""
+    warns about keys it cannot place, and the adapter then silently does nothing there. With
+    `tied`, peft's warning that a target shares its weight with the embeddings is expected."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        if tied:
+            warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer is part")
         return PeftModel.from_pretrained(copy.deepcopy(team.receiver.model), str(adapter)).eval()
 
 

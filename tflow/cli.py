@@ -425,13 +425,16 @@ def export(
     contexts = _contexts(context)
     writable_dir(out)  # fail before loading any weights
     import tflow
-    from tflow.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_adapter
+    from tflow.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_adapter, tied_to_embeddings
 
     team = tflow.load(recipe, checkpoint, overrides or ())
     _check_senders(contexts, team)
-    export_adapter(team, query, out, contexts)
+    config = export_adapter(team, query, out, contexts)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         typer.echo(f"wrote {out / name}")
+    for name in tied_to_embeddings(team.receiver.model, config["target_modules"]):
+        typer.echo(f"note: {name} shares its weight with the input embeddings; load the adapter unmerged "
+                   "(merging it would change the embeddings too)", err=True)
 
 
 if __name__ == "__main__":

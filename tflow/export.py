@@ -53,6 +53,17 @@ def base_model_name(model) -> str | None:
     return getattr(model.config, "name_or_path", None) or None
 
 
+def tied_to_embeddings(model, modules) -> list[str]:
+    """Those of `modules` whose weight is the model's input-embedding table (tied embeddings, the
+    LM head of SmolLM2). An adapter there computes the delta exactly while it stays unmerged;
+    merging it would write the update into the embeddings too, which the patched receiver never
+    changes. peft warns about such a target (peft issue 2777); its `ensure_weight_tying` would
+    give the embeddings an adapter of their own, also unlike the patched receiver, so it is off."""
+    table = model.get_input_embeddings().weight
+    found = dict(model.named_modules())
+    return [name for name in modules if getattr(found.get(name), "weight", None) is table]
+
+
 def peft_config(base_model: str | None, rank: int, alpha: float, modules, others: Mapping[str, int] | None = None
                 ) -> dict:
     """peft's adapter_config.json of a LoRA of `rank` and `alpha` on `modules` (full names); the
@@ -77,8 +88,9 @@ def peft_config(base_model: str | None, rank: int, alpha: float, modules, others
     }
 
 
-def export_adapter(team, query: str, out: str | Path, contexts: Mapping[str, str] | None = None) -> Path:
-    """Write `query`'s fused delta to folder `out` as a PEFT LoRA adapter; returns `out`.
+def export_adapter(team, query: str, out: str | Path, contexts: Mapping[str, str] | None = None) -> dict:
+    """Write `query`'s fused delta to folder `out` as a PEFT LoRA adapter; returns its config (what
+    adapter_config.json holds).
 
     Raises:
         ChannelError, DeltaError: as `query_delta`.
@@ -96,4 +108,4 @@ def export_adapter(team, query: str, out: str | Path, contexts: Mapping[str, str
                          {name: r for name, r in ranks.items() if r != rank})
     atomic_write_safetensors(tensors, out / ADAPTER_WEIGHTS, {"format": "pt"})
     atomic_write_text(out / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
-    return out
+    return config
