@@ -8,6 +8,7 @@ the issue targets: throughput at 32 concurrent vs --max-batch 1, and p99 at 32 c
 single-request latency (p50 at 1 concurrent, same server).
 
 Run: python benchmarks/serve_load.py [--set model.tiny.hidden_size=1024 --set model.tiny.num_layers=8]
+     python benchmarks/serve_load.py --recipe recipes/smollm2-relay.yaml      # the real model
 """
 
 from __future__ import annotations
@@ -92,8 +93,12 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
+    from tflow.recipe import load_recipe
+
+    built_here = load_recipe(args.recipe, args.overrides).model.tiny is not None
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = [f"model.path={Path(tmp) / 'model'}", *args.overrides]
+        # A tiny recipe's model is built in the temporary folder; a real one loads from its path.
+        overrides = [*([f"model.path={Path(tmp) / 'model'}"] if built_here else []), *args.overrides]
         ckpt = checkpoint(args.recipe, overrides, Path(tmp))
         results = {}
         for name, max_batch in (("max-batch 1", 1), ("default", None)):
