@@ -176,7 +176,8 @@ class Batcher:
         """
         team, receiver = self.team, self.team.receiver
         steps = channel_settings(team.recipe, job.channel).get("latent_steps", 0)
-        senders = [(s, _tokens(s, s.prompt(job.query, job.contexts.get(s.name)))) for s in team.senders]
+        senders = [] if job.channel == "none" else [  # the receiver alone reads no sender prompt
+            (s, _tokens(s, s.prompt(job.query, job.contexts.get(s.name)))) for s in team.senders]
         if job.channel == "latent":
             turn = receiver_turn(receiver, job.query, [s.name for s in team.senders])
             mine = sum(map(len, token_ids(receiver.tokenizer, turn.split(SLOT)))) + steps * len(senders)
@@ -186,8 +187,7 @@ class Batcher:
             checks = [(receiver, sum(n + steps for _, n in senders) + mine, job.max_tokens)]
         else:
             extra = team.recipe.generate.message_tokens if job.channel == "text" else steps
-            checks = [(receiver, mine, job.max_tokens)]
-            checks += [(s, n, extra) for s, n in senders] if job.channel != "none" else []
+            checks = [(receiver, mine, job.max_tokens), *((s, n, extra) for s, n in senders)]
         for agent, tokens, budget in checks:
             limit = context_length(agent.model)
             if limit is not None and tokens + budget > limit:
