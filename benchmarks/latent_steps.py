@@ -22,10 +22,10 @@ import time
 import torch
 
 import tflow
-from tflow.data import eval_examples
+from tflow.config.recipe import load_recipe
 from tflow.io import atomic_write
-from tflow.recipe import load_recipe
 from tflow.tasks import relay
+from tflow.training.data import eval_examples
 
 
 def option(argv: list[str], flag: str, takes_value: bool = True) -> tuple[str | bool | None, list[str]]:

@@ -27,9 +27,9 @@ import sys
 import torch
 
 import tflow
-from tflow.data import load_splits, teacher_forced
-from tflow.encoding import encode
-from tflow.patching import patched
+from tflow.agents.encoding import encode
+from tflow.lora.patching import patched
+from tflow.training.data import load_splits, teacher_forced
 
 
 def value_states(team, task, examples) -> list[list[tuple[torch.Tensor, bool]]]:

@@ -32,8 +32,8 @@ QUERIES = ["What is the secret code of Lisbon?", "one two three four five six se
 def checkpoint(recipe: str, overrides: list[str], folder: Path) -> Path:
     """A generator checkpoint for the recipe's receiver (fresh weights: timing does not depend on them)."""
     import tflow
-    from tflow import checkpoint as ckpt
-    from tflow.recipe import load_recipe
+    from tflow.config.recipe import load_recipe
+    from tflow.training import checkpoint as ckpt
 
     team = tflow.load(load_recipe(recipe, overrides))
     ckpt.save(team.receiver.generator, folder / "ckpt")
@@ -96,7 +96,7 @@ def main() -> None:
     if args.max_batch is not None and args.max_batch < 2:
         parser.error("--max-batch must be at least 2: the batching server is compared with --max-batch 1")
 
-    from tflow.recipe import load_recipe
+    from tflow.config.recipe import load_recipe
 
     batching = "default" if args.max_batch is None else f"max-batch {args.max_batch}"
     built_here = load_recipe(args.recipe, args.overrides).model.tiny is not None

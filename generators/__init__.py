@@ -6,8 +6,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from generators.base import Generator, masked_mean
+from tflow.backbones.families import ReceiverSpec
 from tflow.errors import RecipeError
-from tflow.spec import ReceiverSpec
 
 _REGISTRY: dict[str, type[Generator]] = {}
 
@@ -34,6 +34,17 @@ def available() -> list[str]:
     return list(_REGISTRY)
 
 
+def get(kind: str) -> type[Generator]:
+    """The generator class registered as `kind`.
+
+    Raises:
+        RecipeError: no generator has that kind (the message lists those that do).
+    """
+    if kind not in _REGISTRY:
+        raise RecipeError([f"generator.kind: unknown generator {kind!r}; available: {', '.join(available())}"])
+    return _REGISTRY[kind]
+
+
 def build(config: Mapping[str, Any], spec: ReceiverSpec, sender_hidden_size: int) -> Generator:
     """A fresh generator of `config["kind"]` emitting factors for every module of `spec`.
 
@@ -52,4 +63,4 @@ from generators import param_tokens  # noqa: E402, F401, I001
 from generators import mlp  # noqa: E402, F401, I001
 from generators import basis  # noqa: E402, F401, I001
 
-__all__ = ["Generator", "available", "build", "masked_mean", "register"]
+__all__ = ["Generator", "available", "build", "get", "masked_mean", "register"]

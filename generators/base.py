@@ -10,9 +10,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from tflow.delta import LoRADelta
+from tflow.backbones.families import ReceiverSpec
 from tflow.errors import RecipeError, TargetError
-from tflow.spec import ReceiverSpec
+from tflow.lora.delta import LoRADelta
 
 Factors = dict[str, tuple[Tensor, Tensor]]
 

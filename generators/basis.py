@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from generators import register
 from generators.base import SlotHead
 from generators.param_tokens import ParamTokenGenerator
-from tflow.basis import BasisDelta
-from tflow.spec import ReceiverSpec
+from tflow.backbones.families import ReceiverSpec
+from tflow.lora.basis import BasisDelta
 
 
 class CoreHead(SlotHead):

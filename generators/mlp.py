@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from generators import register
 from generators.base import Factors, Generator, masked_mean
-from tflow.spec import ReceiverSpec
+from tflow.backbones.families import ReceiverSpec
 
 
 @register("mlp")

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from generators import register
 from generators.base import Factors, Generator
-from tflow.spec import ReceiverSpec
+from tflow.backbones.families import ReceiverSpec
 
 
 class ParamTokenBlock(nn.Module):

@@ -7,7 +7,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tflow import tiny  # noqa: E402
+from tflow.backbones import tiny  # noqa: E402
+from tflow.channels.weights import part as weights_part
 
 torch.set_num_threads(2)
 
@@ -64,7 +65,7 @@ def random_delta(model, batch, rank=4, scale=0.5, seed=0, targets=None, std=0.2)
 def random_basis_delta(model, batch, k=4, scale=0.5, seed=0, std=0.2):
     """A random shared basis (U [k, in], V [out, k]) and random per-row cores for every targeted linear."""
     from tflow import ReceiverSpec
-    from tflow.basis import BasisDelta
+    from tflow.lora.basis import BasisDelta
 
     spec = ReceiverSpec.from_model(model)
     g = torch.Generator().manual_seed(seed)
@@ -114,14 +115,13 @@ def tiny_checkpoint(tmp_path_factory):
     """The tiny recipe with its model in a temp folder and a generator checkpoint whose deltas are
     not zero: (recipe overrides, checkpoint folder)."""
     import tflow
-    from tflow import checkpoint
-    from tflow.recipe import load_recipe
+    from tflow.config.recipe import load_recipe
 
     tmp = tmp_path_factory.mktemp("tiny")
     overrides = [f"model.path={tmp / 'model'}", f"train.out_dir={tmp / 'train'}"]
     team = tflow.load(load_recipe("recipes/tiny.yaml", overrides))
     perturb(team.receiver.generator, seed=1)
-    checkpoint.save(team.receiver.generator, tmp / "ckpt")
+    weights_part.save(team.receiver.generator, tmp / "ckpt")
     return overrides, tmp / "ckpt"
 
 

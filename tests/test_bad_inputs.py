@@ -17,10 +17,11 @@ import yaml
 from typer.testing import CliRunner
 
 import tflow
-from tflow import Receiver, checkpoint, tasks
+from tflow import Receiver, tasks
+from tflow.channels.kv import part as kv_part
+from tflow.channels.weights import part as weights_part
 from tflow.cli import app
-from tflow.data import load_splits
-from tflow.delta import LoRADelta
+from tflow.config.recipe import load_recipe
 from tflow.errors import (
     ChannelError,
     CheckpointError,
@@ -33,10 +34,12 @@ from tflow.errors import (
     TargetError,
     TflowError,
 )
+from tflow.evaluation.sharded import eval_trainer
 from tflow.io import read_safetensors, writable_dir, writable_file
-from tflow.recipe import load_recipe
-from tflow.sharded import eval_trainer
-from tflow.training import train as tflow_train
+from tflow.lora.delta import LoRADelta
+from tflow.training import checkpoint
+from tflow.training.data import load_splits
+from tflow.training.loop import train as tflow_train
 
 runner = CliRunner()
 
@@ -86,19 +89,19 @@ def world(tmp_path_factory) -> World:
     (tmp / "notemplate" / "chat_template.jinja").unlink()
     (tmp / "empty_model").mkdir()
     ckpt = tmp / "ckpt"
-    good = checkpoint.save(team.receiver.generator, ckpt / "good").read_bytes()
+    good = weights_part.save(team.receiver.generator, ckpt / "good").read_bytes()
     other = tflow.load(tmp / "recipe.yaml", overrides=[f"model.path={tmp}/other", "model.tiny.hidden_size=64",
                                                        "model.tiny.num_heads=4", "model.tiny.num_kv_heads=2"])
-    checkpoint.save(other.receiver.generator, ckpt / "other")
+    weights_part.save(other.receiver.generator, ckpt / "other")
     for name, data in [("truncated", good[: len(good) // 2]), ("corrupted", b"\xff" * 16 + good[16:]),
                        ("pickle", pickle.dumps({"weights": Armed(tmp / "MARKER")}))]:
         (ckpt / name).mkdir()
-        (ckpt / name / checkpoint.GENERATOR_FILE).write_bytes(data)
+        (ckpt / name / weights_part.GENERATOR_FILE).write_bytes(data)
     torch.save({"weights": Armed(tmp / "MARKER")}, ckpt / "generator.pt")
     (ckpt / "empty").mkdir()
-    checkpoint.save_kv(team.receiver.kv_lora, ckpt / "kvonly")
+    kv_part.save(team.receiver.kv_lora, ckpt / "kvonly")
     (ckpt / "delta").mkdir()
-    LoRADelta({"m": (torch.zeros(1, 1, 2), torch.zeros(1, 2, 1))}).save(ckpt / "delta" / checkpoint.GENERATOR_FILE)
+    LoRADelta({"m": (torch.zeros(1, 1, 2), torch.zeros(1, 2, 1))}).save(ckpt / "delta" / weights_part.GENERATOR_FILE)
     (tmp / "file").write_text("a regular file, in the way of any folder below it")
     (tmp / "broken.yaml").write_text("model:\n  path: x\nsenders:\n  - name: a\n   role: b\n")
     (tmp / "list.yaml").write_text("- model\n- senders\n")
@@ -213,7 +216,7 @@ CASES = [
          load(checkpoint="{tmp}/ckpt/nowhere"), CheckpointError,
          "checkpoint {tmp}/ckpt/nowhere does not exist; pass the train.out_dir of a finished run"),
     Case("checkpoint_folder_empty", ask("hi", "--checkpoint", "{tmp}/ckpt/empty"),
-         load(checkpoint="{tmp}/ckpt/empty"), CheckpointError, "has no generator.safetensors; train one"),
+         load(checkpoint="{tmp}/ckpt/empty"), CheckpointError, "holds no trained part"),
     Case("resume_without_checkpoint", ("train", "{recipe}", "train.out_dir={tmp}/fresh", "--resume"),
          lambda w: train(w.recipe_with("train.out_dir={tmp}/fresh"), resume=True), CheckpointError,
          "--resume: {tmp}/fresh/lightning/last.ckpt does not exist"),
@@ -234,7 +237,7 @@ CASES = [
     Case("weights_without_generator", ask("hi"),
          lambda w: tflow.communicate(w.team.senders, Receiver(w.team.receiver.model, w.team.receiver.tokenizer), "hi"),
          ChannelError, "the weights channel needs a generator on the receiver",
-         cli_message="the weights channel needs a trained generator: pass --checkpoint DIR"),
+         cli_message="the weights channel needs a checkpoint with its generator: pass --checkpoint DIR"),
     Case("negative_latent_steps", ask("hi", "--channel", "kv", "--set", "kv.latent_steps=-1"),
          communicate("hi", channel="kv", latent_steps=-1), QueryError, "latent_steps must be an integer >= 0, got -1",
          cli_message="kv.latent_steps: must be >= 0, got -1"),
@@ -245,16 +248,16 @@ CASES = [
          lambda w: tflow.communicate(w.team.senders, Receiver(w.team.receiver.model, w.team.receiver.tokenizer), "hi",
                                      channel="latent"),
          ChannelError, "the latent channel needs trained links on the receiver",
-         cli_message="the latent channel needs trained links: pass --checkpoint DIR"),
+         cli_message="the latent channel needs a checkpoint with its latent links: pass --checkpoint DIR"),
     Case("checkpoint_of_another_channel", ask("hi", "--checkpoint", "{tmp}/ckpt/kvonly"),
          lambda w: checkpoint.require_parts(["weights"], w.tmp / "ckpt" / "kvonly"), CheckpointError,
          "{tmp}/ckpt/kvonly has no weights part (generator.safetensors); train it with "
          "`tflow train RECIPE train.channel=weights"),
     Case("part_file_of_another_channel",
-         ask("hi", "--channel", "kv", "--checkpoint", "{tmp}/ckpt/good/generator.safetensors"),
-         lambda w: checkpoint.load_kv(w.team.receiver.kv_lora, w.tmp / "ckpt" / "good" / checkpoint.GENERATOR_FILE),
+         ask("hi", "--channel", "latent", "--checkpoint", "{tmp}/ckpt/good/generator.safetensors"),
+         lambda w: kv_part.load(w.team.receiver.kv_lora, w.tmp / "ckpt" / "good" / weights_part.GENERATOR_FILE),
          CheckpointError, "holds the weights channel's part, not the kv channel's",
-         cli_message="generator.safetensors has no kv part (kv/adapter_model.safetensors); train it with"),
+         cli_message="generator.safetensors has no latent part (latent.safetensors); train it with"),
     Case("bad_context_option", ask("hi", "--channel", "none", "--context", "nobody=a document"),
          communicate("hi", contexts=[{}, {}]), QueryError, "got 2 contexts for 1 queries",
          cli_message="--context names unknown sender(s) ['nobody']"),
@@ -343,10 +346,10 @@ def test_a_pickle_checkpoint_is_never_unpickled(world, tmp_path):
 
 
 def test_an_unexpected_bug_still_shows_its_traceback(tmp_path):
-    code = ("import tflow.recipe\n"
+    code = ("import tflow.config.recipe\n"
             "def bug(*args, **kwargs):\n"
             "    raise RuntimeError('a bug, not a user mistake')\n"
-            "tflow.recipe.load_recipe = bug\n"
+            "tflow.config.recipe.load_recipe = bug\n"
             "from tflow.cli import app\n"
             "app(['validate', 'any.yaml'])\n")
     env = {**os.environ, "COLUMNS": "200"}

@@ -6,11 +6,12 @@ from conftest import merged_copy, random_basis_delta
 from test_patching import PROMPTS, batch, logits
 
 import generators
-from tflow import ReceiverSpec, patched, tiny
-from tflow.basis import BasisDelta
+from tflow import ReceiverSpec, patched
+from tflow.backbones import tiny
 from tflow.channels import guard_delta
+from tflow.channels.weights.fusion import fuse
 from tflow.errors import DeltaError, RecipeError
-from tflow.fusion import fuse
+from tflow.lora.basis import BasisDelta
 
 SMALL = {"kind": "basis", "rank": 4, "d_model": 32, "depth": 1, "heads": 4}
 
@@ -224,7 +225,7 @@ def test_k_not_positive_is_a_one_line_error(qwen, override, message):
 
 
 def test_basis_defaults_to_k_16():
-    from tflow.recipe import load_recipe
+    from tflow.config.recipe import load_recipe
 
     assert load_recipe("recipes/tiny.yaml", ["generator.kind=basis", "generator.rank=null"]).generator.rank == 16
     assert load_recipe("recipes/tiny.yaml", ["generator.rank=null"]).generator.rank == 4

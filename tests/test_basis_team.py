@@ -12,12 +12,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import tflow
-from tflow.basis import BasisDelta
+from tflow.channels.weights import part as weights_part
+from tflow.channels.weights.export import export_adapter, query_delta
 from tflow.cli import app
+from tflow.config.recipe import load_recipe
 from tflow.errors import CheckpointError
-from tflow.export import export_adapter, query_delta
-from tflow.recipe import load_recipe
-from tflow.training import train
+from tflow.lora.basis import BasisDelta
+from tflow.training.loop import train
 
 QUESTIONS = ["What is the secret code of Lisbon?", "What is the password of Oslo?", "What is the secret code of Rome?"]
 CONTEXTS = [{"reader": "The secret code of Lisbon is 123."}, {"reader": "The password of Oslo is tiger."},
@@ -67,10 +68,9 @@ def test_a_checkpoint_of_the_other_generator_kind_is_a_one_line_error(trained, t
     tmp, result = trained
     folder = result.out_dir
     if saved == "mlp":
-        from tflow import checkpoint
 
         team = tflow.load(recipe(tmp, "generator.kind=mlp", "generator.rank=4"))
-        checkpoint.save(team.receiver.generator, tmp_path / "mlp")
+        weights_part.save(team.receiver.generator, tmp_path / "mlp")
         folder = tmp_path / "mlp"
     with pytest.raises(CheckpointError) as err:
         tflow.load(recipe(tmp, f"generator.kind={wanted}", "generator.rank=8"), checkpoint=folder)

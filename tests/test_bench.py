@@ -4,15 +4,15 @@ import pytest
 import torch
 from conftest import random_delta
 
-from tflow.bench import SHAPES, bench_model, hookless_twin, run_bench, table
 from tflow.errors import BenchError
-from tflow.patching import patched
+from tflow.evaluation.bench import SHAPES, bench_model, hookless_twin, run_bench, table
+from tflow.lora.patching import patched
 
 
 def test_quick_bench_of_a_recipe_reports_every_figure_as_a_positive_number(tmp_path):
     # A recipe's own receiver backbone (here the tiny recipe's); `--shape tiny` is the same model
     # built by bench_model, covered below.
-    from tflow.recipe import load_recipe
+    from tflow.config.recipe import load_recipe
 
     recipe = load_recipe("recipes/tiny.yaml", [f"model.path={tmp_path / 'tiny'}"])
     result = run_bench(quick=True, repeats=1, recipe=recipe)

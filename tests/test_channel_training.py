@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import tflow
-from tflow import checkpoint
+from tflow.channels.kv import part as kv_part
+from tflow.config.recipe import load_recipe
 from tflow.errors import CheckpointError
-from tflow.recipe import load_recipe
-from tflow.training import train
+from tflow.training.loop import train
 
 RECIPE = "recipes/tiny.yaml"
 
@@ -78,7 +78,7 @@ def test_a_part_of_another_channel_or_receiver_is_refused(trained, tmp_path):
     tmp, results = trained
     lora = results["kv"].team.receiver.kv_lora
     with pytest.raises(CheckpointError, match="holds the latent channel's part, not the kv channel's"):
-        checkpoint.load_kv(lora, tmp / "out" / "latent.safetensors")
+        kv_part.load(lora, tmp / "out" / "latent.safetensors")
     other = recipe(tmp_path, "model.tiny.hidden_size=32", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1")
     with pytest.raises(CheckpointError, match="kv/adapter_model.safetensors was trained for another receiver"):
         tflow.load(other, checkpoint=tmp / "out")
@@ -108,17 +108,17 @@ def test_eval_refuses_a_channel_the_folder_lacks_and_labels_untrained_kv(trained
         f"error: checkpoint {tmp / 'out'} has no weights part (generator.safetensors); train it with "
         f"`tflow train RECIPE train.channel=weights train.out_dir={tmp / 'out'}`"]
     run = cli("eval", RECIPE, *sets, "--channels", "latent", "--no-progress")
-    assert run.returncode == 2 and "the latent channel needs trained links: pass --checkpoint DIR" in run.stderr
+    assert run.returncode == 2 and "the latent channel needs a checkpoint with its latent links: pass --checkpoint DIR" in run.stderr
     run = cli("eval", RECIPE, *sets, "--channels", "none,kv", "--out", tmp_path, "--no-progress")
     assert run.returncode == 0, run.stderr
     assert "kv (LatentMAS)" in run.stdout and "kv (LatentMAS)" in (tmp_path / "report.md").read_text()
 
 
 def test_the_answer_objective_teaches_the_inner_link_the_answer_after_the_prompt(tmp_path):
-    from tflow.channel_training import LatentModule
-    from tflow.channels.links import inner_loss
-    from tflow.data import load_splits
-    from tflow.encoding import token_ids
+    from tflow.agents.encoding import token_ids
+    from tflow.channels.latent.links import inner_loss
+    from tflow.channels.latent.training import LatentModule
+    from tflow.training.data import load_splits
 
     rec = recipe(tmp_path, "train.channel=latent", "latent.inner_text=answer")
     team = tflow.load(rec)

@@ -6,12 +6,12 @@ from conftest import hypernet, two_senders
 
 import tflow
 from tflow import LoRADelta, Receiver, Sender, communicate
+from tflow.agents.encoding import encode
 from tflow.channels import text_turn
-from tflow.encoding import encode
+from tflow.channels.weights.part import build as build_hypernetwork
+from tflow.config.recipe import load_recipe
 from tflow.errors import ChannelError, QueryError
-from tflow.patching import slot
-from tflow.recipe import load_recipe
-from tflow.team import build_hypernetwork
+from tflow.lora.patching import slot
 
 QUERIES = ["What is the secret code of Lisbon?", "Hi", "one two three four five six seven eight nine"]
 
@@ -49,7 +49,7 @@ def test_per_query_budgets_and_a_stream_leave_every_row_as_it_is_alone(team, qwe
     receiver.generator = hypernet(qwen, 2, seed=1)
     budgets, seen = [3, 8, 5], {}
 
-    class Stream:  # a tflow.generation.RowStream that stops row 2 after its second token
+    class Stream:  # a tflow.agents.generation.RowStream that stops row 2 after its second token
         def update(self, row, tokens, finish_reason):
             seen[row] = (list(tokens), finish_reason)
 

@@ -8,13 +8,15 @@ import torch
 from conftest import perturb
 
 import tflow
-from tflow import Receiver, Sender, checkpoint, tiny
-from tflow.encoding import encode
+from tflow import Receiver, Sender
+from tflow.agents.encoding import encode
+from tflow.backbones import tiny
+from tflow.channels.weights.part import build as build_hypernetwork
+from tflow.config.recipe import load_recipe
 from tflow.errors import CheckpointError, RecipeError
-from tflow.onehot import dense
-from tflow.recipe import load_recipe
-from tflow.team import build_hypernetwork
-from tflow.training import train
+from tflow.lora.onehot import dense
+from tflow.training import checkpoint
+from tflow.training.loop import train
 
 QUERIES = ["What is the secret code of Lisbon?", "Hi", "What is the password of Oslo?"]
 CONTEXTS = ["The secret code of Lisbon is 482.", "The password of Oslo is tiger.", None]
@@ -146,7 +148,7 @@ def test_a_copy_head_delta_exports_to_peft_with_its_own_rank_and_the_same_logits
 
     from peft import PeftModel
 
-    from tflow.export import export_adapter, query_delta
+    from tflow.channels.weights.export import export_adapter, query_delta
 
     args = [f"model.path={tmp_path}/model", f"train.out_dir={tmp_path}/out", "generator.copy_head=true"]
     team = tflow.load(load_recipe("recipes/tiny.yaml", args))

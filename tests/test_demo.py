@@ -6,10 +6,10 @@ from typer.testing import CliRunner
 
 from tflow import demo
 from tflow.cli import app
-from tflow.data import relay_splits
+from tflow.config.recipe import load_recipe
 from tflow.demo import DEMO_RECIPE, DemoSettings, message, run_demo
-from tflow.recipe import load_recipe
 from tflow.tasks import relay
+from tflow.training.data import relay_splits
 
 
 def test_shortened_demo_runs_end_to_end_and_reports_every_channel(tmp_path):

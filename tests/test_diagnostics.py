@@ -7,24 +7,22 @@ from torch import nn
 from typer.testing import CliRunner
 
 from tflow import LoRADelta, Receiver, Sender, patched
-from tflow.cli import app
-from tflow.diagnostics import (
-    ABLATIONS,
+from tflow.agents.encoding import encode
+from tflow.backbones.families import ReceiverSpec
+from tflow.channels.weights.diagnostics import (
     ablate,
     cosine_similarities,
-    derangement,
     norms_by_layer_and_kind,
-    parse_ablations,
     query_specific_shares,
     sender_deltas,
     summarize,
 )
-from tflow.encoding import encode
+from tflow.cli import app
+from tflow.config.recipe import load_recipe
 from tflow.errors import AblationError, ChannelError, QueryError
-from tflow.evaluate import evaluate
-from tflow.recipe import load_recipe
-from tflow.report import write_report
-from tflow.spec import ReceiverSpec
+from tflow.evaluation.ablations import ABLATIONS, derangement, parse_ablations
+from tflow.evaluation.evaluate import evaluate
+from tflow.evaluation.report import write_report
 from tflow.tasks import relay
 from tflow.team import Team
 
@@ -292,7 +290,7 @@ def test_shuffled_on_one_example_fails_before_any_channel_runs(team, examples, m
 
 
 def test_diagnostics_without_ablations_cover_the_first_queries_only(team, examples, monkeypatch):
-    import tflow.evaluate as evaluation
+    import tflow.evaluation.evaluate as evaluation
 
     monkeypatch.setattr(evaluation, "DIAGNOSTIC_QUERIES", 4)
     task = relay.Relay()
@@ -304,7 +302,7 @@ def test_diagnostics_without_ablations_cover_the_first_queries_only(team, exampl
 
 
 def test_basis_deltas_go_through_every_check(team, examples, qwen, tok):
-    from tflow.basis import BasisDelta
+    from tflow.lora.basis import BasisDelta
 
     receiver = Receiver(qwen, tok, "Answer.", name="executor", generator=hypernet(qwen, 2, kind="basis", seed=3))
     task = relay.Relay()

@@ -3,11 +3,12 @@ import torch
 
 from tflow import Receiver, ReceiverSpec, Sender
 from tflow.channels import text_turn
+from tflow.channels.weights.part import build as build_hypernetwork
+from tflow.config.recipe import load_recipe
 from tflow.errors import ChannelError
-from tflow.evaluate import evaluate, parse_channels
-from tflow.recipe import load_recipe
+from tflow.evaluation.evaluate import evaluate, parse_channels
 from tflow.tasks import relay
-from tflow.team import Team, build_hypernetwork
+from tflow.team import Team
 
 RECIPE = {
     "model": {"path": "tiny"},
@@ -139,7 +140,7 @@ def test_parse_channels():
 
 
 def test_refused_deltas_are_counted_in_the_report(qwen, tok, examples, tmp_path):
-    from tflow.report import write_report
+    from tflow.evaluation.report import write_report
 
     recipe = load_recipe({**RECIPE, "generator": {**RECIPE["generator"], "max_delta_norm": 1e-6}})
     senders = [Sender(qwen, tok, s.role, s.name) for s in recipe.senders]
@@ -165,7 +166,7 @@ def test_a_recipe_data_section_keeps_the_tasks_own_columns():
     # HumanEval's question is its `prompt` column: a data section that names no fields must not
     # ask for `question`/`answer` columns (it did, and `tflow eval` on such a recipe failed).
     from tflow import tasks
-    from tflow.data import eval_examples
+    from tflow.training.data import eval_examples
 
     recipe = load_recipe("recipes/smollm2-humaneval.yaml")
     (example,) = eval_examples(recipe, tasks.get("humaneval"), limit=1)

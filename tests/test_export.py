@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import tflow
+from tflow.channels.weights.export import query_delta
 from tflow.cli import app
-from tflow.export import query_delta
-from tflow.recipe import load_recipe
+from tflow.config.recipe import load_recipe
 
 QUERY = "What is the secret code of Lisbon?"
 DOC = "The secret code of Lisbon is 482."

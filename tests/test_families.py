@@ -13,14 +13,16 @@ from test_patching import PROMPTS, batch, logits
 from typer.testing import CliRunner
 
 import tflow
-from tflow import ReceiverSpec, Sender, checkpoint, patched, tiny
+from tflow import ReceiverSpec, Sender, patched
+from tflow.agents.encoding import encode
+from tflow.backbones import tiny
+from tflow.backbones.families import ALL_TARGETS
+from tflow.channels.weights import part as weights_part
 from tflow.cli import app
-from tflow.data import teacher_forced
-from tflow.encoding import encode
+from tflow.config.sections import TinySection
 from tflow.errors import TargetError
-from tflow.patching import attach, detach
-from tflow.recipe import TinySection
-from tflow.spec import ALL_TARGETS
+from tflow.lora.patching import attach, detach
+from tflow.training.data import teacher_forced
 
 PHI3 = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
@@ -140,7 +142,7 @@ def test_ask_through_a_recipe(family, tmp_path):
     team = tflow.load(tmp_path / "recipe.yaml")
     assert type(team.receiver.model).__name__ == tiny.ARCHS[family.arch][1]
     perturb(team.receiver.generator, seed=1)
-    checkpoint.save(team.receiver.generator, tmp_path / "ckpt")
+    weights_part.save(team.receiver.generator, tmp_path / "ckpt")
     question = "What is the secret code of Lisbon?"
     result = CliRunner().invoke(app, ["ask", str(tmp_path / "recipe.yaml"), question, "--checkpoint",
                                       str(tmp_path / "ckpt")])

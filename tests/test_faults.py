@@ -17,7 +17,7 @@ import tflow
 from tflow import Receiver, Sender, communicate
 from tflow.cli import app
 from tflow.io import read_safetensors
-from tflow.patching import slot
+from tflow.lora.patching import slot
 
 QUERIES = ["What is the secret code of Lisbon?", "Hi", "one two three four five six seven eight nine"]
 

@@ -7,24 +7,23 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tflow.errors import RecipeError
-from tflow.overrides import apply_overrides
-from tflow.recipe import (
+from tflow.channels.weights.settings import GeneratorSection
+from tflow.config.overrides import apply_overrides
+from tflow.config.recipe import Recipe, load_recipe, recipe_model
+from tflow.config.sections import (
     DataSection,
     FieldsSection,
     GenerateSection,
-    GeneratorSection,
-    Recipe,
     RelaySection,
     TinySection,
     TrainSection,
-    load_recipe,
 )
+from tflow.errors import RecipeError
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TINY = Path("recipes/tiny.yaml").read_text()
 BASE = yaml.safe_load(TINY)
-SECTIONS = [Recipe, TinySection, GeneratorSection, DataSection, FieldsSection, RelaySection, TrainSection,
+SECTIONS = [recipe_model(), TinySection, GeneratorSection, DataSection, FieldsSection, RelaySection, TrainSection,
             GenerateSection]
 KEYS = sorted({name for section in SECTIONS for name in section.model_fields} | {"path", "name", "role"})
 TOKENS = [":", ": ", "- ", "\n", "  ", "&a ", "*a", "<<: *a", "!!python/object/apply:os.system ['true']", "? ",

@@ -5,8 +5,8 @@ import torch
 
 import generators
 from tflow import ReceiverSpec
+from tflow.backbones.families import TargetModule
 from tflow.errors import RecipeError, TargetError
-from tflow.spec import TargetModule
 
 KINDS = ["param_tokens", "mlp"]  # the kinds that emit per-row LoRA factors; basis: tests/test_basis.py
 SMALL = {"d_model": 32, "depth": 2, "heads": 4}

@@ -6,9 +6,9 @@ import re
 import numpy as np
 import pytest
 
-from tflow import gguf_models
+from tflow.backbones import gguf as gguf_models
+from tflow.config.recipe import load_recipe
 from tflow.errors import ModelLoadError, RecipeError
-from tflow.recipe import load_recipe
 
 SMOLLM2 = gguf_models.resolve(gguf_models.SMOLLM2)
 

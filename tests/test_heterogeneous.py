@@ -8,12 +8,14 @@ import torch
 from conftest import perturb
 
 import tflow
-from tflow import Receiver, Sender, checkpoint, communicate, tiny
-from tflow.encoding import encode
+from tflow import Receiver, Sender, communicate
+from tflow.agents.encoding import encode
+from tflow.backbones import tiny
+from tflow.channels.weights import part as weights_part
+from tflow.channels.weights.part import build as build_hypernetwork
+from tflow.config.recipe import load_recipe
 from tflow.errors import CheckpointError, ModelLoadError
-from tflow.recipe import load_recipe
-from tflow.team import build_hypernetwork
-from tflow.training import train
+from tflow.training.loop import train
 
 QUERIES = ["What is the secret code of Lisbon?", "Hi", "one two three four five six seven eight nine"]
 PLAIN_TEMPLATE = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
@@ -127,19 +129,19 @@ def test_conditions_come_back_sender_major_and_padding_stays_zero(qwen, tok, nar
 def test_checkpoint_records_every_sender_backbone_and_refuses_another(team, tmp_path, qwen, tok, llama_tok):
     senders, receiver = team
     perturb(receiver.generator, seed=3)
-    checkpoint.save(receiver.generator, tmp_path / "ckpt")
+    weights_part.save(receiver.generator, tmp_path / "ckpt")
     deeper = tiny.model(llama_tok, arch="llama", hidden_size=32, num_layers=4, num_heads=2, num_kv_heads=1)
     for other, shown in [(deeper, "LlamaForCausalLM (4 layers, hidden 32"), (qwen, "Qwen3ForCausalLM (2 layers, hidden 64")]:
         swapped = [Sender(other, llama_tok if other is deeper else tok, "You extract knowledge.", name="extractor"), senders[1]]
         net = build_hypernetwork(load_recipe(recipe_dict()), swapped, receiver)
         with pytest.raises(CheckpointError) as err:
-            checkpoint.load_into(net, tmp_path / "ckpt")
+            weights_part.load(net, tmp_path / "ckpt")
         message = str(err.value)
         assert "\n" not in message
         assert "sender 'extractor' on LlamaForCausalLM (3 layers, hidden 32, vocabulary" in message
         assert f"this team's sender 'extractor' runs {shown}" in message
     same = build_hypernetwork(load_recipe(recipe_dict()), senders, receiver)
-    checkpoint.load_into(same, tmp_path / "ckpt")
+    weights_part.load(same, tmp_path / "ckpt")
     for k, v in receiver.generator.state_dict().items():
         assert torch.equal(same.state_dict()[k], v), k
 
@@ -147,8 +149,8 @@ def test_checkpoint_records_every_sender_backbone_and_refuses_another(team, tmp_
 def test_a_checkpoint_without_sender_fingerprints_still_loads(team, tmp_path):
     senders, receiver = team
     receiver.generator.senders = None  # as checkpoints written before sender fingerprints
-    checkpoint.save(receiver.generator, tmp_path / "old")
-    checkpoint.load_into(build_hypernetwork(load_recipe(recipe_dict()), senders, receiver), tmp_path / "old")
+    weights_part.save(receiver.generator, tmp_path / "old")
+    weights_part.load(build_hypernetwork(load_recipe(recipe_dict()), senders, receiver), tmp_path / "old")
 
 
 def test_a_sender_tokenizer_without_chat_template_is_one_line_naming_the_sender(narrow_llama, tmp_path):

@@ -7,15 +7,15 @@ import torch
 from conftest import two_senders
 
 from tflow import Receiver, Sender, communicate
-from tflow import trace as trace_module
-from tflow.channels.kv import aligner, build_trace
-from tflow.channels.kv_lora import KVLoRA
+from tflow.agents import trace as trace_module
+from tflow.agents.encoding import token_ids
+from tflow.agents.generation import GenerationSettings, kv_cache_bytes
+from tflow.agents.prefix import prefix_text
+from tflow.backbones.families import ReceiverSpec
+from tflow.channels.kv.lora import KVLoRA
+from tflow.channels.kv.run import aligner, build_trace
 from tflow.channels.registry import Call
-from tflow.encoding import token_ids
 from tflow.errors import ChannelError, QueryError
-from tflow.generation import GenerationSettings, kv_cache_bytes
-from tflow.prefix import prefix_text
-from tflow.spec import ReceiverSpec
 
 QUERIES = ["What is the secret code of Lisbon?", "Hi", "one two three four five six seven eight nine"]
 
@@ -66,7 +66,8 @@ def reference_logits(senders, receiver, query, steps):
 @pytest.mark.parametrize("steps", [0, 3])
 def test_batched_trace_equals_latentmas_on_one_unpadded_query(team, steps):
     senders, receiver = team
-    call = Call(senders, receiver, QUERIES, GenerationSettings(), ["strategist", "extractor"], None, latent_steps=steps)
+    call = Call(senders, receiver, QUERIES, GenerationSettings(), ["strategist", "extractor"], None,
+                options={"latent_steps": steps, "realign": False})
     with torch.no_grad():
         trace = build_trace(call)[0]
         seqs = token_ids(receiver.tokenizer, [receiver.prompt(q) for q in QUERIES])
@@ -101,7 +102,8 @@ def test_the_ledger_counts_latent_steps_and_the_trace_bytes(team, tok, lively):
 
 def test_the_first_sender_reads_its_role_from_a_kept_prefix_and_the_trace_stays_the_same(team, tok, monkeypatch):
     senders, receiver = team
-    call = Call(senders, receiver, QUERIES, GenerationSettings(), ["strategist", "extractor"], None, latent_steps=2)
+    call = Call(senders, receiver, QUERIES, GenerationSettings(), ["strategist", "extractor"], None,
+                options={"latent_steps": 2, "realign": False})
     with torch.no_grad():
         reused, counts, cached = build_trace(call)
         monkeypatch.setattr(trace_module, "reusable", lambda model: False)  # every prompt runs whole

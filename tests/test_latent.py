@@ -7,13 +7,14 @@ import torch
 from conftest import perturb
 from test_kv import Tokens
 
-from tflow import Receiver, Sender, communicate, tiny
-from tflow import trace as trace_module
-from tflow.channels.latent import SLOT, receiver_turn, spliced
-from tflow.channels.links import InnerLink, Links, OuterLink, inner_loss
-from tflow.encoding import token_ids
+from tflow import Receiver, Sender, communicate
+from tflow.agents import trace as trace_module
+from tflow.agents.encoding import token_ids
+from tflow.agents.prefix import prefix_text
+from tflow.backbones import tiny
+from tflow.channels.latent.links import InnerLink, Links, OuterLink, inner_loss
+from tflow.channels.latent.run import SLOT, receiver_turn, spliced
 from tflow.errors import ChannelError, QueryError
-from tflow.prefix import prefix_text
 
 QUERIES = ["What is the secret code of Lisbon?", "Hi", "one two three four five six seven eight nine"]
 

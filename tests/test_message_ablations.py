@@ -7,15 +7,11 @@ from test_kv import Tokens
 from test_latent import links_for
 
 from tflow import Receiver, communicate
-from tflow.diagnostics import ABLATABLE, derangement, parse_ablations
+from tflow.channels import registry
+from tflow.channels.kv.ablations import ablate_kv, kv_messages, mean_trace
+from tflow.channels.latent.ablations import ablate_latent, latent_messages
 from tflow.errors import AblationError, ChannelError, QueryError
-from tflow.message_ablations import (
-    ablate_kv,
-    ablate_latent,
-    kv_messages,
-    latent_messages,
-    mean_trace,
-)
+from tflow.evaluation.ablations import derangement, parse_ablations
 
 QUERIES = ["What is the secret code of Lisbon?", "Hi", "one two three four five six seven eight nine"]
 SETTINGS = {"kv": dict(latent_steps=2, realign=False), "latent": dict(latent_steps=3, rounds=1)}
@@ -102,9 +98,9 @@ def test_mean_trace_aligns_traces_at_their_last_position():
 
 @pytest.mark.parametrize("channel", ["kv", "latent"])
 def test_evaluate_adds_a_row_per_latent_ablation(team, channel, tok, tmp_path):
-    from tflow.evaluate import evaluate
-    from tflow.recipe import load_recipe
-    from tflow.report import write_report
+    from tflow.config.recipe import load_recipe
+    from tflow.evaluation.evaluate import evaluate
+    from tflow.evaluation.report import write_report
     from tflow.tasks import relay
     from tflow.team import Team
 
@@ -132,4 +128,4 @@ def test_bad_message_and_ablation_inputs_are_one_line_errors(team):
         communicate(senders, receiver, "Hi", channel="latent", message=torch.zeros(2, 1, 64))
     with pytest.raises(AblationError, match="ablation\\(s\\) scale run on none of the channels none, kv"):
         parse_ablations("scale", ["none", "kv"], ["a", "b"])
-    assert ABLATABLE["kv"].names == ABLATABLE["latent"].names == ("shuffled", "static", "drop-sender")
+    assert registry.get("kv").ablations.names == registry.get("latent").ablations.names == ("shuffled", "static", "drop-sender")

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tflow import LoRADelta, patched
-from tflow.diagnostics import _gram
+from tflow.channels.weights.diagnostics import _gram
 from tflow.errors import DeltaError
-from tflow.onehot import OneHotColumns, dense
+from tflow.lora.onehot import OneHotColumns, dense
 
 VOCAB = 512  # the tiny model's LM head: Linear(64 -> 512)
 

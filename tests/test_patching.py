@@ -5,9 +5,10 @@ import pytest
 import torch
 from conftest import merged_copy, random_basis_delta, random_delta
 
-from tflow import LoRADelta, ReceiverSpec, patched, tiny
+from tflow import LoRADelta, ReceiverSpec, patched
+from tflow.backbones import tiny
 from tflow.errors import DeltaError, PatchError
-from tflow.patching import attach, detach
+from tflow.lora.patching import attach, detach
 
 PROMPTS = ["The answer is 12.", "What is the secret code of the city", "Hi", "one two three four five six"]
 

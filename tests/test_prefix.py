@@ -4,11 +4,12 @@ import pytest
 import torch
 from conftest import perturb, random_delta
 
-from tflow import Sender, tiny
-from tflow import prefix as prefix_module
-from tflow.encoding import encode, token_ids
-from tflow.patching import patched
-from tflow.prefix import MAX_PREFIXES, common_length, prefix_text, prefixes
+from tflow import Sender
+from tflow.agents import prefix as prefix_module
+from tflow.agents.encoding import encode, token_ids
+from tflow.agents.prefix import MAX_PREFIXES, common_length, prefix_text, prefixes
+from tflow.backbones import tiny
+from tflow.lora.patching import patched
 
 QUERIES = ["What is the secret code of Lisbon?", "Hi", "one two three four five six seven eight nine"]
 ROLES = ["You are a strategist: say how to approach the task.", "You extract knowledge.", "You are a critic."]
@@ -135,7 +136,7 @@ def test_an_unknown_context_position_is_refused(model, tok):
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama", "gemma2"])
 def test_generation_on_a_kept_prefix_says_what_a_full_prefill_says(tok, arch):
-    from tflow.generation import GenerationSettings, generate
+    from tflow.agents.generation import GenerationSettings, generate
 
     model = tiny.model(tok, arch=arch, hidden_size=64, num_layers=2, seed=4)
     perturb(model, seed=5, std=0.3)
@@ -155,7 +156,7 @@ def test_generation_on_a_kept_prefix_says_what_a_full_prefill_says(tok, arch):
 
 
 def test_generation_on_a_patched_or_training_model_reads_no_kept_prefix(model, tok, computed):
-    from tflow.generation import GenerationSettings, generate
+    from tflow.agents.generation import GenerationSettings, generate
 
     sender = Sender(model, tok, ROLES[0])
     prompts = [sender.prompt(q) for q in QUERIES]

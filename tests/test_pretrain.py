@@ -1,7 +1,7 @@
 import torch
 
-from tflow.data import teacher_forced
-from tflow.pretrain import target_loss
+from tflow.backbones.pretrain import target_loss
+from tflow.training.data import teacher_forced
 
 
 def test_target_loss_equals_the_models_own_loss(qwen, tok):

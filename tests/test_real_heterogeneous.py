@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import tflow
-from tflow import Receiver, Sender, tiny
-from tflow.encoding import encode
-from tflow.recipe import load_recipe
+from tflow import Receiver, Sender
+from tflow.agents.encoding import encode
+from tflow.backbones import tiny
+from tflow.channels.weights.part import build as build_hypernetwork
+from tflow.config.recipe import load_recipe
 from tflow.tasks import relay
-from tflow.team import build_hypernetwork
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-relay.yaml"

@@ -13,12 +13,14 @@ from test_serve import client, sample, serving
 from typer.testing import CliRunner
 
 import tflow
-from tflow import checkpoint, gguf_models
-from tflow import trace as trace_module
+from tflow.agents import trace as trace_module
+from tflow.agents.encoding import token_ids
+from tflow.agents.prefix import prefix_text
+from tflow.backbones import gguf as gguf_models
+from tflow.channels.weights import part as weights_part
+from tflow.channels.weights.export import query_delta
 from tflow.cli import app
-from tflow.encoding import token_ids
-from tflow.export import query_delta, tied_to_embeddings
-from tflow.prefix import prefix_text
+from tflow.lora.peft_format import tied_to_embeddings
 from tflow.serving.app import served_channels
 from tflow.tasks import relay
 
@@ -55,7 +57,7 @@ def test_it_is_the_real_model(team):
 
 
 def test_fresh_generator_is_an_exact_no_op(team, examples):
-    from tflow.encoding import encode
+    from tflow.agents.encoding import encode
 
     queries = [relay.Relay().prompt(e) for e in examples]
     contexts = [[e.contexts[s.name] for e in examples] for s in team.senders]
@@ -125,7 +127,7 @@ def test_kv_senders_read_the_first_role_from_kept_states_and_say_the_same(team, 
 
 
 def test_the_server_answers_as_offline_on_the_real_model(team, examples):
-    assert served_channels(team) == ["kv", "text", "none"]  # no checkpoint: kv runs as LatentMAS
+    assert served_channels(team) == ["kv", "none", "text"]  # no checkpoint: kv runs as LatentMAS
     queries = [relay.Relay().prompt(e) for e in examples]
     jobs = [("kv", q, e.contexts) for q, e in zip(queries, examples, strict=True)] + [("none", queries[0], {})]
     with serving(team, served_channels(team), max_wait_ms=300) as (url, metrics):
@@ -151,7 +153,7 @@ def test_an_exported_adapter_gives_the_patched_logits_in_peft_on_the_real_model(
     team.receiver.generator = copy.deepcopy(fresh)  # a generator with nonzero deltas, for this test only
     perturb(team.receiver.generator, seed=3, std=0.02)
     try:
-        checkpoint.save(team.receiver.generator, tmp_path / "ckpt", team.recipe)
+        weights_part.save(team.receiver.generator, tmp_path / "ckpt", team.recipe)
         query, contexts = relay.Relay().prompt(examples[0]), examples[0].contexts
         delta = query_delta(team, query, contexts)
     finally:

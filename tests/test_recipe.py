@@ -5,9 +5,10 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from tflow.config.overrides import apply_overrides
+from tflow.config.recipe import load_recipe, recipe_model
+from tflow.config.reference import reference_markdown
 from tflow.errors import RecipeError
-from tflow.overrides import apply_overrides
-from tflow.recipe import Recipe, load_recipe, reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"model": {"path": "Qwen/Qwen3-4B"}, "senders": [{"name": "strategist", "role": "Plan."}]}
@@ -173,7 +174,7 @@ def test_duplicate_sender_names_are_reported_beside_other_problems():
 
 def test_recipe_built_in_python_checks_names_too():
     with pytest.raises(ValueError, match="duplicate sender name"):
-        Recipe(model={"path": "x"}, senders=[{"name": "a", "role": "x"}, {"name": "a", "role": "y"}])
+        recipe_model()(model={"path": "x"}, senders=[{"name": "a", "role": "x"}, {"name": "a", "role": "y"}])
 
 
 def test_senders_must_not_be_empty():
@@ -277,7 +278,7 @@ def test_resolved_recipe_round_trips_through_yaml():
 
 
 def test_every_field_is_documented():
-    sections = {Recipe}
+    sections = {recipe_model()}
     while sections:
         section = sections.pop()
         assert section.__doc__
@@ -294,7 +295,7 @@ def _sections_in(annotation):
 
 def test_docs_match_the_schema():
     doc = (ROOT / "docs" / "recipes.md").read_text()
-    assert doc == reference_markdown(), "docs/recipes.md is stale: run python -m tflow.recipe > docs/recipes.md"
+    assert doc == reference_markdown(), "docs/recipes.md is stale: run python -m tflow.config.reference > docs/recipes.md"
 
 
 def test_docs_cover_every_key():

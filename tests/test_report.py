@@ -5,13 +5,13 @@ from conftest import recipe_args
 from typer.testing import CliRunner
 
 import tflow
-from tflow import checkpoint
+from tflow.channels.weights import part as weights_part
 from tflow.cli import app
+from tflow.config.recipe import load_recipe
 from tflow.errors import OutputError
-from tflow.evaluate import ChannelResult, EvalResult
-from tflow.recipe import load_recipe
+from tflow.evaluation.evaluate import ChannelResult, EvalResult
+from tflow.evaluation.report import COLUMNS, REPORT_FILES, render_table, write_report
 from tflow.reply import AgentUsage, Reply, Usage
-from tflow.report import COLUMNS, REPORT_FILES, render_table, write_report
 from tflow.tasks import relay
 
 runner = CliRunner()
@@ -99,7 +99,7 @@ def cli(tmp_path_factory):
     """A folder with the tiny model and a checkpoint of its fresh, exactly no-op generator."""
     tmp = tmp_path_factory.mktemp("eval")
     args = recipe_args(tmp)
-    checkpoint.save(tflow.load(load_recipe(args[0], args[1:])).receiver.generator, tmp / "ckpt")
+    weights_part.save(tflow.load(load_recipe(args[0], args[1:])).receiver.generator, tmp / "ckpt")
     return tmp
 
 
@@ -122,7 +122,7 @@ def test_eval_cli_writes_an_agreeing_report(cli):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--channels", "none,weights"], "error: the weights channel needs a trained generator: pass --checkpoint DIR"),
+    (["--channels", "none,weights"], "error: the weights channel needs a checkpoint with its generator: pass --checkpoint DIR"),
     (["--channels", "none,smoke"], "error: unknown channel(s) 'smoke'; choose from: none, text, weights"),
     (["--channels", "none", "--task", "nope"], "error: unknown task 'nope'; available: "),
     (["--channels", "none", "--out", "{tmp}/file.txt/sub"], "error: cannot write to {tmp}/file.txt/sub: "),

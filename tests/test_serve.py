@@ -27,10 +27,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 import tflow
-from tflow import checkpoint
+from tflow.channels.kv import part as kv_part
+from tflow.channels.latent import part as latent_part
 from tflow.cli import app as cli
-from tflow.export import base_model_name
-from tflow.recipe import load_recipe
+from tflow.config.recipe import load_recipe
+from tflow.lora.peft_format import base_model_name
 from tflow.serving.app import ServeSettings, create_app, served_channels
 from tflow.serving.server import bind, listen, uvicorn_server
 
@@ -56,8 +57,8 @@ def full_team(tiny_checkpoint, tmp_path_factory):
     shutil.copytree(ckpt, folder)
     team = tflow.load(load_recipe("recipes/tiny.yaml", overrides), ckpt)
     perturb(team.receiver.kv_lora, seed=2, std=0.2)
-    checkpoint.save_kv(team.receiver.kv_lora, folder, team.recipe, base_model_name(team.receiver.model))
-    checkpoint.save_links(team.receiver.links, folder, checkpoint.links_fingerprint(team.senders, team.receiver),
+    kv_part.save(team.receiver.kv_lora, folder, team.recipe, base_model_name(team.receiver.model))
+    latent_part.save(team.receiver.links, folder, latent_part.fingerprint(team.senders, team.receiver),
                           team.recipe)
     return tflow.load(load_recipe("recipes/tiny.yaml", overrides), folder)
 
@@ -164,7 +165,7 @@ def test_concurrent_requests_answer_exactly_as_offline_and_share_batches(team):
 
 
 def test_kv_and_latent_parts_are_served_and_answer_as_offline(full_team):
-    assert served_channels(full_team) == ["weights", "kv", "latent", "text", "none"]
+    assert served_channels(full_team) == ["weights", "kv", "latent", "none", "text"]
     assert served_channels(SimpleNamespace(trained=frozenset(), receiver=SimpleNamespace(model="shared"),
                                            senders=[SimpleNamespace(model="shared")])) == ["kv", "text", "none"]
     assert served_channels(SimpleNamespace(trained=frozenset({"weights"}), receiver=SimpleNamespace(model="own"),
@@ -358,7 +359,7 @@ def test_ctrl_c_finishes_the_request_in_flight_then_exits_0(tiny_checkpoint, tea
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = next(line for line in proc.stderr if line.startswith("serving ") or proc.poll() is not None)
-        assert line.startswith("serving tflow-weights, tflow-kv, tflow-text, tflow-none on http://127.0.0.1:"), line
+        assert line.startswith("serving tflow-weights, tflow-kv, tflow-none, tflow-text on http://127.0.0.1:"), line
         url = line.split(" on ")[1].split("/v1")[0]
         stream = client(url).chat.completions.create(
             model="tflow-weights", messages=[{"role": "user", "content": LONG}], max_tokens=100, stream=True)

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 import tflow
 from tflow.cli import app
-from tflow.evaluate import Failure, evaluate
-from tflow.recipe import load_recipe
-from tflow.report import REPORT_FILES
-from tflow.sharded import eval_trainer, evaluate_sharded
+from tflow.config.recipe import load_recipe
+from tflow.evaluation.evaluate import Failure, evaluate
+from tflow.evaluation.report import REPORT_FILES
+from tflow.evaluation.sharded import eval_trainer, evaluate_sharded
 from tflow.tasks import relay
 
 runner = CliRunner()
@@ -166,8 +166,8 @@ def test_a_failing_query_is_kept_and_its_batch_mate_still_answers(team, monkeypa
 def test_merge_keeps_each_example_once_in_order_and_every_call_cost():
     from types import SimpleNamespace
 
+    from tflow.evaluation.sharded import Shard, merge
     from tflow.reply import AgentUsage, Reply, Usage
-    from tflow.sharded import Shard, merge
 
     examples = relay.generate(3, seed=0, senders=["reader"])
 

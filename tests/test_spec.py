@@ -1,6 +1,7 @@
 import pytest
 
-from tflow import ReceiverSpec, tiny
+from tflow import ReceiverSpec
+from tflow.backbones import tiny
 from tflow.errors import TargetError
 
 

@@ -1,6 +1,6 @@
 import torch
 
-from tflow import tiny
+from tflow.backbones import tiny
 
 
 def test_build_saves_a_folder_that_from_pretrained_loads(tmp_path):

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import tflow
-from tflow import checkpoint
+from tflow.channels.weights import part as weights_part
+from tflow.config.recipe import load_recipe
 from tflow.errors import CheckpointError, OutputError
 from tflow.io import exclusive
-from tflow.recipe import load_recipe
-from tflow.training import train
+from tflow.training.loop import train
 
 RECIPE = "recipes/tiny.yaml"
 
@@ -74,14 +74,14 @@ def test_missing_checkpoint_is_an_error_never_an_untrained_generator(trained, tm
     with pytest.raises(CheckpointError, match="does not exist"):
         tflow.load(rec, checkpoint=tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="has no generator.safetensors"):
+    with pytest.raises(CheckpointError, match="holds no trained part"):
         tflow.load(rec, checkpoint=tmp_path / "empty")
 
 
 def test_kill_while_writing_checkpoint_keeps_previous_one(trained, tmp_path, monkeypatch):
     rec, result = trained
     hypernet = result.team.receiver.generator
-    checkpoint.save(hypernet, tmp_path)
+    weights_part.save(hypernet, tmp_path)
     before = (tmp_path / "generator.safetensors").read_bytes()
     import safetensors.torch
 
@@ -92,7 +92,7 @@ def test_kill_while_writing_checkpoint_keeps_previous_one(trained, tmp_path, mon
 
     monkeypatch.setattr(safetensors.torch, "save_file", dying)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(hypernet, tmp_path)
+        weights_part.save(hypernet, tmp_path)
     assert (tmp_path / "generator.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["generator.safetensors"]
     monkeypatch.undo()

@@ -14,14 +14,14 @@ _EXPORTS = {
     "AgentUsage": "tflow.reply",
     "Reply": "tflow.reply",
     "Usage": "tflow.reply",
-    "Hypernetwork": "tflow.hypernetwork",
-    "LoRADelta": "tflow.delta",
-    "Receiver": "tflow.agents",
-    "Sender": "tflow.agents",
-    "ReceiverSpec": "tflow.spec",
+    "Hypernetwork": "tflow.channels.weights.hypernetwork",
+    "LoRADelta": "tflow.lora.delta",
+    "Receiver": "tflow.agents.agent",
+    "Sender": "tflow.agents.agent",
+    "ReceiverSpec": "tflow.backbones.families",
     "Team": "tflow.team",
     "load": "tflow.team",
-    "patched": "tflow.patching",
+    "patched": "tflow.lora.patching",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

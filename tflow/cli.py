@@ -86,7 +86,7 @@ def validate(
 
     Every problem is listed at once, as key.path: message.
     """
-    from tflow.recipe import load_recipe
+    from tflow.config.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides or ())
     if show:
@@ -112,19 +112,21 @@ def train(
     Writes train.out_dir/generator.safetensors (weights), kv/ (a peft adapter folder) or
     latent.safetensors, with recipe.yaml, metrics.csv and a resumable Lightning checkpoint.
     """
-    from tflow.recipe import load_recipe
+    from tflow.channels import registry
+    from tflow.config.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides or ())
-    part = {"weights": f"{loaded.generator.kind} generator", "kv": "kv LoRA", "latent": "latent links"}
-    typer.echo(f"training the {part[loaded.train.channel]} for {loaded.train.max_steps} steps -> {loaded.train.out_dir}")
-    from tflow.training import train as run
+    trained = registry.get(loaded.train.channel).part
+    part = trained.describe(loaded) if trained.describe is not None else trained.noun
+    typer.echo(f"training the {part} for {loaded.train.max_steps} steps -> {loaded.train.out_dir}")
+    from tflow.training.loop import train as run
 
     result = run(loaded, resume=resume, progress=progress)
     if result.interrupted:
         again = " ".join(["tflow train", str(recipe), *(overrides or ()), "--resume"])
         typer.echo(f"interrupted at step {result.global_step}; continue with: {again}", err=True)
         raise typer.Exit(130)
-    typer.echo(f"done: {result.global_step} steps; {part[loaded.train.channel]} in {result.part}")
+    typer.echo(f"done: {result.global_step} steps; {part} in {result.part}")
 
 
 def _contexts(items: list[str] | None) -> dict[str, str]:
@@ -168,7 +170,7 @@ def ask(
     overrides: SetOption = None,
 ) -> None:
     """Ask one question and print the receiver's answer and one usage line."""
-    from tflow.checkpoint import require_parts
+    from tflow.training.checkpoint import require_parts
 
     require_parts([channel], checkpoint)
     contexts = _contexts(context)
@@ -182,7 +184,7 @@ def ask(
         typer.echo(f"warning: {warning}", err=True)
     u = reply.usage
     stages = " ".join(f"{k} {v:.3f}s" for k, v in reply.timings.items())
-    typer.echo(f"[{reply.channel}] tokens {u.total_tokens} (prompt {u.prompt_tokens} of which cached "
+    typer.echo(f"[{team.label(channel)}] tokens {u.total_tokens} (prompt {u.prompt_tokens} of which cached "
                f"{u.cached_tokens}, generated {u.generated_tokens}; processed {u.processed_tokens}) · {stages}", err=True)
 
 
@@ -220,35 +222,35 @@ def eval_(
     sharded over processes (the recipe's train.accelerator); rank 0 writes the one report.
     """
     from tflow.errors import DataError
-    from tflow.evaluate import parse_channels
+    from tflow.evaluation.evaluate import parse_channels
 
     names = parse_channels(channels)
     from tflow import tasks
+    from tflow.config.recipe import load_recipe
     from tflow.io import writable_dir
-    from tflow.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides or ())
     name = task or (loaded.data.task if loaded.data else None)
     if name is None:
         raise DataError("no task to evaluate: pass --task NAME or set data.task in the recipe")
     chosen = tasks.get(name)
-    from tflow.diagnostics import parse_ablations
+    from tflow.evaluation.ablations import parse_ablations
 
     parse_ablations(ablations, names, [s.name for s in loaded.senders])
-    from tflow.checkpoint import require_parts
+    from tflow.training.checkpoint import require_parts
 
     require_parts(names, checkpoint)  # before any weights load
     out = writable_dir(out)
     trainer = None
     if strategy is not None or devices is not None or num_nodes != 1:
-        from tflow.sharded import device_override, eval_trainer
+        from tflow.evaluation.sharded import device_override, eval_trainer
 
         trainer = eval_trainer(strategy or "ddp", devices or 1, num_nodes, loaded.train.accelerator, progress)
         loaded = load_recipe(recipe, [*(overrides or ()), device_override(trainer)])
     import tflow
-    from tflow.data import eval_examples
-    from tflow.evaluate import evaluate
-    from tflow.report import REPORT_FILES, render_table, write_report
+    from tflow.evaluation.evaluate import evaluate
+    from tflow.evaluation.report import REPORT_FILES, render_table, write_report
+    from tflow.training.data import eval_examples
 
     examples = eval_examples(loaded, chosen, split, limit)
     team = tflow.load(loaded, checkpoint)
@@ -256,7 +258,7 @@ def eval_(
         typer.echo(f"evaluating {', '.join(names)} on {len(examples)} {name} examples -> {out}")
         result = evaluate(team, chosen, examples, names, batch_size=batch_size, progress=progress, ablations=ablations)
     else:
-        from tflow.sharded import evaluate_sharded
+        from tflow.evaluation.sharded import evaluate_sharded
 
         if trainer.is_global_zero:
             typer.echo(f"evaluating {', '.join(names)} on {len(examples)} {name} examples over "
@@ -328,7 +330,7 @@ def bench(
     import torch
     from rich.console import Console
 
-    from tflow.bench import run_bench, table
+    from tflow.evaluation.bench import run_bench, table
     from tflow.io import atomic_write_text, writable_file
 
     if json_file is not None:
@@ -337,7 +339,7 @@ def bench(
         torch.set_num_threads(threads)
     loaded = None
     if recipe is not None:
-        from tflow.recipe import load_recipe
+        from tflow.config.recipe import load_recipe
 
         loaded = load_recipe(recipe)
     result = run_bench(shape, quick, force=force, message_tokens=message_tokens, recipe=loaded)
@@ -419,13 +421,14 @@ def export(
 
     if not query.strip():
         raise QueryError("--query must not be empty")
-    from tflow.checkpoint import require_parts
+    from tflow.training.checkpoint import require_parts
 
     require_parts(["weights"], checkpoint)
     contexts = _contexts(context)
     writable_dir(out)  # fail before loading any weights
     import tflow
-    from tflow.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_adapter, tied_to_embeddings
+    from tflow.channels.weights.export import export_adapter
+    from tflow.lora.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, tied_to_embeddings
 
     team = tflow.load(recipe, checkpoint, overrides or ())
     _check_senders(contexts, team)

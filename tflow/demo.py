@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tflow.agents import chat_prompt
+from tflow.agents.agent import chat_prompt
 from tflow.channels import CHANNELS, text_turn
 from tflow.tasks import Example, relay
 
@@ -80,15 +80,15 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings = DemoSetting
     from rich.progress import Progress
     from transformers.utils import logging as hf_logging
 
-    from tflow import tiny
-    from tflow.data import load_splits
-    from tflow.evaluate import evaluate
+    from tflow.backbones import tiny
+    from tflow.backbones.pretrain import pretrain
+    from tflow.config.recipe import load_recipe
+    from tflow.evaluation.evaluate import evaluate
+    from tflow.evaluation.report import render_table, write_report
     from tflow.io import writable_dir
-    from tflow.pretrain import pretrain
-    from tflow.recipe import load_recipe
-    from tflow.report import render_table, write_report
     from tflow.team import load
-    from tflow.training import train
+    from tflow.training.data import load_splits
+    from tflow.training.loop import train
 
     hf_logging.disable_progress_bar()
     out = writable_dir(Path(out))

@@ -15,9 +15,9 @@ class AgentUsage:
     forward position like a token, so `total_tokens` counts them.
 
     `cached_tokens` of the prompt tokens were read from a role prefix kept per backbone
-    (tflow.prefix) instead of run for this query, so `processed_tokens` (what the agent ran for
+    (tflow.agents.prefix) instead of run for this query, so `processed_tokens` (what the agent ran for
     it) is total - cached. The prefix itself runs once per backbone; an evaluation charges it once
-    (tflow.evaluate).
+    (tflow.evaluation.evaluate).
     """
 
     prompt_tokens: int

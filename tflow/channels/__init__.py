@@ -1,20 +1,23 @@
-"""The channels senders talk to the receiver over, one module each, run by `tflow.communicate`.
+"""The channels senders talk to the receiver over, one record each in `tflow.channels.registry`.
 
 `none` (the receiver alone), `text` (TextMAS), `weights` (TFlow), `kv` (DiffMAS; LatentMAS when
-its LoRA is untrained) and `latent` (RecursiveMAS). Every channel shares one ledger
-(`tflow.channels.ledger`), one stage timer and one `Reply`.
+its LoRA is untrained) and `latent` (RecursiveMAS). A channel is one module or folder that
+registers a `Channel` record: how it runs and checks a call, its options and recipe sections, its
+trained part, its cost in the receiver's context, its ablations and its report label. Every
+channel shares one ledger (`tflow.channels.ledger`), one stage timer and one `Reply`.
 """
 
 from tflow.channels.dispatch import communicate, sender_names
-from tflow.channels.registry import Call, available, register
+from tflow.channels.registry import Call, Channel, available, register
 
 # isort: off
-# Imported in this order so their @register calls fill the registry; the order is CHANNELS.
+# Imported in this order so their records fill the registry; the order is CHANNELS.
 from tflow.channels import none, text, weights, kv, latent  # noqa: E402, F401
 # isort: on
 from tflow.channels.text import text_turn  # noqa: E402
-from tflow.channels.weights import guard_delta  # noqa: E402
+from tflow.channels.weights.run import guard_delta  # noqa: E402
 
 CHANNELS = available()
+"""The channels tflow ships, in order (`registry.available()` also lists any registered later)."""
 
-__all__ = ["CHANNELS", "Call", "communicate", "guard_delta", "register", "sender_names", "text_turn"]
+__all__ = ["CHANNELS", "Call", "Channel", "communicate", "guard_delta", "register", "sender_names", "text_turn"]

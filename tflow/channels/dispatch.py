@@ -7,14 +7,15 @@ import weakref
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 
-from tflow.agents import Receiver, Sender
-from tflow.channels.registry import Call, available, runner
-from tflow.delta import LoRADelta
-from tflow.errors import ChannelError, QueryError
-from tflow.generation import GenerationSettings, RowStream
-from tflow.reply import Reply
+from pydantic import ValidationError
 
-LATENT_CHANNELS = ("kv", "latent")
+from tflow.agents.agent import Receiver, Sender
+from tflow.agents.generation import GenerationSettings, RowStream
+from tflow.channels import registry
+from tflow.channels.registry import Call, Channel
+from tflow.errors import ChannelError, QueryError
+from tflow.lora.delta import LoRADelta
+from tflow.reply import Reply
 
 _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -23,29 +24,29 @@ _LOCKS_GUARD = threading.Lock()
 def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequence[str], *,
                 channel: str = "weights", max_new_tokens: int | Sequence[int] = 64, do_sample: bool = False,
                 temperature: float = 1.0, top_p: float = 1.0, num_beams: int = 1,
-                message_tokens: int = 256,
                 contexts: Sequence[Mapping[str, str]] | None = None,
                 stream: RowStream | None = None, delta: LoRADelta | None = None, message=None,
-                latent_steps: int = 10, rounds: int = 1, realign: bool = False) -> Reply | list[Reply]:
+                **options) -> Reply | list[Reply]:
     """Answer `query` (a str -> Reply; a list -> list of Replies, run as one batch) over `channel`.
 
-    Channels: `none` (the receiver alone), `text` (TextMAS), `weights` (TFlow), `kv` (DiffMAS:
-    a shared KV trace the receiver decodes on; LatentMAS while its LoRA is untrained) and `latent`
-    (RecursiveMAS: latent thoughts spliced into the receiver's prompt).
+    Channels (`tflow.channels.registry`): `none` (the receiver alone), `text` (TextMAS), `weights`
+    (TFlow), `kv` (DiffMAS: a shared KV trace the receiver decodes on; LatentMAS while its LoRA is
+    untrained) and `latent` (RecursiveMAS: latent thoughts spliced into the receiver's prompt).
 
     `max_new_tokens` is the receiver's budget, one for all queries or one per query.
     `contexts`, one mapping per query (or one mapping with a single query), gives a sender (by
-    name) a private document for that query in place of its own `context`. `stream` (tflow.generation.RowStream) sees the
+    name) a private document for that query in place of its own `context`. `stream` (tflow.agents.generation.RowStream) sees the
     receiver's tokens of every query as they are decoded, and may stop single queries.
-    `delta` (weights channel only), one row per query or one row for all, is applied in place of
-    the generated one: neither the senders nor the generator run, and the ledger holds the
-    receiver alone (ablations, a delta made earlier). `message` does the same for kv (a trace:
-    per query, per layer (keys, values) [kv_heads, positions, head_dim], as
-    `tflow.trace.Trace.rows_kv` gives them) and latent (the thoughts as the receiver splices them,
-    [queries, vectors, hidden]), one per query.
-    `latent_steps` (kv, latent) is how many latent steps each sender runs after its turn;
-    `realign` (kv) maps each last-layer state into the input-embedding space with LatentMAS's
-    ridge matrix before its norm is rescaled; `rounds` (latent) is the recursion rounds.
+    `delta` (weights), one row per query or one row for all, is applied in place of the generated
+    one: neither the senders nor the generator run, and the ledger holds the receiver alone
+    (ablations, a delta made earlier). `message` does the same for kv (a trace: per query, per
+    layer (keys, values) [kv_heads, positions, head_dim], as `tflow.agents.trace.Trace.rows_kv` gives
+    them) and latent (the thoughts as the receiver splices them, [queries, vectors, hidden]), one
+    per query.
+    `options` are the channel's own (`Channel.options`): `message_tokens` (text) caps each
+    sender's message; `latent_steps` (kv, latent) is how many latent steps each sender runs after
+    its turn; `realign` (kv) maps each last-layer state into the input-embedding space with
+    LatentMAS's ridge matrix before its norm is rescaled; `rounds` (latent) is the recursion rounds.
 
     Calls from several threads on shared models run one at a time, never mixing deltas.
     On the weights channel, a query whose generated delta is not finite or has a norm above
@@ -53,37 +54,25 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
     False, the reason in `Reply.warnings`); the other queries of the batch keep theirs.
 
     Raises:
-        ChannelError: unknown channel, `weights` with a receiver that has no generator (and no
-            `delta`), a `delta` on another channel, `kv` with a sender on another backbone than
-            the receiver's, `latent` without trained links or on a backbone without input embeddings.
-        QueryError: empty query, bad token budget, a prompt longer than the context, a `delta`
-            whose rows are neither one nor one per query, latent_steps < 0, rounds < 1, or beam
-            search on kv or latent.
+        ChannelError: unknown channel, a channel without the senders or trained part it needs
+            (`weights` with no generator and no `delta`, `latent` without links), a `delta` or
+            `message` on a channel that takes none, `kv` with a sender on another backbone than the
+            receiver's, `latent` on a backbone without input embeddings.
+        QueryError: empty query, bad token budget, an option the channel does not take or out of
+            its range, a prompt longer than the context, a replayed message whose rows are neither
+            one (delta) nor one per query, or beam search on kv or latent.
     """
-    if channel not in available():
-        raise ChannelError(f"unknown channel {channel!r}; choose one of: {', '.join(available())}")
-    if delta is not None and channel != "weights":
-        raise ChannelError(f"a delta is the weights channel's message; the {channel} channel takes none")
-    if message is not None and channel not in LATENT_CHANNELS:
-        raise ChannelError(f"message is a kv trace or latent thoughts; the {channel} channel takes none"
-                           + (" (give a delta)" if channel == "weights" else ""))
-    if channel != "none" and not senders:
+    record = registry.get(channel)
+    for keyword, value in (("delta", delta), ("message", message)):
+        if value is not None and keyword != record.message_keyword:
+            hint = f" (give {record.message_keyword})" if record.message_keyword else ""
+            raise ChannelError(f"{keyword} replays a message made earlier; the {channel} channel takes none{hint}")
+    if record.needs_senders and not senders:
         raise ChannelError(f"the {channel} channel needs at least one sender")
     queries = [query] if isinstance(query, str) else list(query)
     if not queries or any(not isinstance(q, str) or not q.strip() for q in queries):
         raise QueryError("every query must be a non-empty string")
-    if delta is not None and delta.batch_size not in (1, len(queries)):
-        raise QueryError(f"the delta has {delta.batch_size} rows for {len(queries)} queries; give one row or one per query")
-    if message_tokens <= 0:
-        raise QueryError(f"message_tokens must be > 0, got {message_tokens}")
-    if isinstance(latent_steps, bool) or not isinstance(latent_steps, int) or latent_steps < 0:
-        raise QueryError(f"latent_steps must be an integer >= 0, got {latent_steps!r}")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise QueryError(f"rounds must be an integer >= 1, got {rounds!r}")
-    if channel in LATENT_CHANNELS and num_beams > 1:
-        raise QueryError(f"the {channel} channel decodes on a prefilled cache and needs num_beams 1, got {num_beams}")
-    if message is not None and len(message) != len(queries):
-        raise QueryError(f"the message has {len(message)} rows for {len(queries)} queries; give one per query")
+    checked = channel_options(record, options)
     budgets = _budgets(max_new_tokens, len(queries))
     settings = GenerationSettings(max(budgets), do_sample, temperature, top_p, num_beams)
     names = sender_names(senders, receiver)
@@ -91,13 +80,45 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
     per_sender = by_sender(contexts, names)
     call = Call(senders, receiver, queries, settings, names, per_sender,
                 {"budgets": budgets if len(set(budgets)) > 1 else None, "stream": stream},
-                message_tokens, delta, message, latent_steps, rounds, realign)
-    run, check = runner(channel)
-    if check is not None:
-        check(call)
+                delta if delta is not None else message, checked)
+    if record.check is not None:
+        record.check(call)
     with _exclusive([s.model for s in senders] + [receiver.model]):
-        replies = run(call)
+        replies = record.run(call)
     return replies[0] if isinstance(query, str) else replies
+
+
+def channel_options(record: Channel, options: Mapping) -> dict:
+    """The channel's options with every default filled in, checked against `record.options`.
+
+    Raises:
+        QueryError: an option the channel does not take, or a value of the wrong type or range.
+    """
+    model = record.options
+    known = list(model.model_fields) if model is not None else []
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        takes = f"its options: {', '.join(known)}" if known else "it takes none"
+        raise QueryError(f"the {record.name} channel takes no option {unknown[0]!r}; {takes}")
+    if model is None:
+        return {}
+    try:
+        return model.model_validate(dict(options), strict=True).model_dump()
+    except ValidationError as err:
+        raise QueryError(_option_problem(model, err.errors()[0])) from None
+
+
+def _option_problem(model, error: dict) -> str:
+    """`name must be an integer >= 0, got -1`: one option's problem, as the user passed it."""
+    name = str(error["loc"][0])
+    field = model.model_fields[name]
+    rules = [f"{sign} {getattr(m, attr)}" for m in field.metadata
+             for attr, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")) if hasattr(m, attr)]
+    kind = {int: "an integer", bool: "true or false", float: "a number"}.get(field.annotation, "")
+    if field.annotation is float and not rules:
+        kind = "a number"
+    need = " ".join(filter(None, [kind, *rules])) or error["msg"]
+    return f"{name} must be {need}, got {error.get('input')!r}"
 
 
 def _contexts(contexts, queries: list[str], names: list[str], single: bool) -> list[Mapping[str, str]] | None:
@@ -154,6 +175,17 @@ def sender_names(senders: Sequence[Sender], receiver: Receiver) -> list[str]:
     if len(set(names + [receiver.name])) != len(names) + 1:
         raise ChannelError(f"agent names must be unique, got senders {names} and receiver {receiver.name!r}")
     return names
+
+
+def batched_calls(senders: Sequence[Sender], receiver: Receiver, queries: Sequence[str],
+                  contexts: Sequence[Mapping[str, str]] | None, batch_size: int, settings: Mapping):
+    """The Call of each batch of queries, as `communicate` makes it (`settings`: the channel's options),
+    for code that runs a channel's stages itself (ablations collecting messages)."""
+    names = sender_names(senders, receiver)
+    for start in range(0, len(queries), batch_size):
+        batch = list(queries[start:start + batch_size])
+        per_sender = by_sender(contexts[start:start + batch_size] if contexts is not None else None, names)
+        yield Call(senders, receiver, batch, GenerationSettings(), names, per_sender, options=settings)
 
 
 @contextmanager

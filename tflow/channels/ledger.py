@@ -8,8 +8,8 @@ from contextlib import contextmanager
 
 import torch
 
-from tflow.agents import Receiver, Sender
-from tflow.generation import Generated, kv_cache_bytes
+from tflow.agents.agent import Receiver, Sender
+from tflow.agents.generation import Generated, kv_cache_bytes
 from tflow.reply import AgentUsage
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from tflow.agents.encoding import prompt_length
+from tflow.agents.generation import generate
 from tflow.channels.ledger import Stages, agent_usage
-from tflow.channels.registry import Call, register
-from tflow.generation import generate
+from tflow.channels.registry import Call, Channel, register
 from tflow.reply import Reply, Usage
 
 
-@register("none")
 def run(call: Call) -> list[Reply]:
     receiver = call.receiver
     stages = Stages(call.senders, receiver)
@@ -20,3 +20,13 @@ def run(call: Call) -> list[Reply]:
         for text, p, g, reason in zip(out.texts, out.prompt_tokens, out.generated_tokens, out.finish_reasons,
                                       strict=True)
     ]
+
+
+def context_use(team, query: str, contexts, max_tokens: int, options) -> list:
+    """The receiver alone reads its prompt and answers."""
+    receiver = team.receiver
+    return [(receiver, prompt_length(receiver, receiver.prompt(query)), max_tokens)]
+
+
+CHANNEL = register(Channel("none", run, context_use, needs_senders=False,
+                           summary="the receiver answers alone (the single-agent baseline)"))

@@ -1,19 +1,21 @@
 """The `text` channel (TextMAS): senders write messages in turn, the receiver reads them all.
 
-Senders read their role prefix from kept states (tflow.prefix), as the weights channel's senders
+Senders read their role prefix from kept states (tflow.agents.prefix), as the weights channel's senders
 do, so the two channels' senders pay the same for the role."""
 
 from __future__ import annotations
 
+from pydantic import Field
+
+from tflow.agents.encoding import prompt_length, token_ids
+from tflow.agents.generation import generate
+from tflow.agents.prefix import prefix_text
 from tflow.channels.ledger import Stages, generated_usage, token_id_bytes
-from tflow.channels.registry import Call, register
-from tflow.encoding import token_ids
-from tflow.generation import generate
-from tflow.prefix import prefix_text
+from tflow.channels.registry import Call, Channel, register
+from tflow.config.base import Section
 from tflow.reply import AgentUsage, Reply, Usage
 
 
-@register("text")
 def run(call: Call) -> list[Reply]:
     senders, receiver, queries = call.senders, call.receiver, call.queries
     stages = Stages(senders, receiver)
@@ -23,7 +25,7 @@ def run(call: Call) -> list[Reply]:
         for s, sender in enumerate(senders):
             prompts = [sender.prompt(text_turn(q, m), call.context(s, i))
                        for i, (q, m) in enumerate(zip(queries, messages, strict=True))]
-            out = generate(sender.model, sender.tokenizer, prompts, call.settings, max_new_tokens=call.message_tokens,
+            out = generate(sender.model, sender.tokenizer, prompts, call.settings, max_new_tokens=call.options["message_tokens"],
                            reuse=prefix_text(sender))
             for q, text in enumerate(out.texts):
                 messages[q][call.names[s]] = text
@@ -47,3 +49,23 @@ def text_turn(query: str, messages: dict[str, str]) -> str:
         return query
     notes = "\n".join(f"[{name}]: {text}" for name, text in messages.items())
     return f"{query}\n\nMessages from your team:\n{notes}"
+
+
+class TextOptions(Section):
+    """How long the text channel's messages may be; `communicate(..., channel="text")` takes these."""
+
+    message_tokens: int = Field(256, gt=0)
+    """Most tokens each sender's message may have (the recipe's `generate.message_tokens`)."""
+
+
+def context_use(team, query: str, contexts, max_tokens: int, options) -> list:
+    """The receiver reads its prompt (the messages come on top) and every sender writes a message."""
+    receiver = team.receiver
+    return [(receiver, prompt_length(receiver, receiver.prompt(query)), max_tokens),
+            *((s, prompt_length(s, s.prompt(query, contexts.get(s.name))), options["message_tokens"])
+              for s in team.senders)]
+
+
+CHANNEL = register(Channel("text", run, context_use, options=TextOptions,
+                           settings=lambda recipe: {"message_tokens": recipe.generate.message_tokens},
+                           summary="senders write messages in turn, the receiver reads them all (TextMAS)"))

@@ -71,15 +71,32 @@ class ServeSettings:
 
 
 def served_channels(team) -> list[str]:
-    """The channels a team can be served on: weights and latent when its checkpoint held their
-    trained parts, kv whenever every sender shares the receiver's backbone (the kv channel's one
-    KV trace; LatentMAS while its LoRA is untrained, as `tflow eval` runs it), text and none."""
-    channels = ["weights"] if "weights" in team.trained else []
-    if all(s.model is team.receiver.model for s in team.senders):
-        channels.append("kv")
-    if "latent" in team.trained:
-        channels.append("latent")
-    return [*channels, "text", "none"]
+    """The channels a team can be served on, those with a trained part first: the rule `tflow ask`
+    and `tflow eval` follow (a channel whose part is not optional needs it from the checkpoint; kv
+    runs untrained as LatentMAS), and only where the channel's own check accepts the team (kv:
+    every sender on the receiver's backbone)."""
+    from tflow.agents.generation import GenerationSettings
+    from tflow.channels import registry
+    from tflow.channels.dispatch import sender_names
+    from tflow.channels.registry import Call
+    from tflow.errors import TflowError
+    from tflow.team import channel_settings
+
+    served = []
+    for channel in sorted(registry.channels(), key=lambda c: c.part is None):
+        part = channel.part
+        if part is not None and not part.optional and channel.name not in team.trained:
+            continue
+        if channel.check is not None:
+            probe = Call(team.senders, team.receiver, ["?"], GenerationSettings(),
+                         sender_names(team.senders, team.receiver), None,
+                         options=channel_settings(team.recipe, channel.name))
+            try:
+                channel.check(probe)
+            except TflowError:
+                continue
+        served.append(channel.name)
+    return served
 
 
 def create_app(team, channels: Sequence[str], settings: ServeSettings = ServeSettings()) -> FastAPI:

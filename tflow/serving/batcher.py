@@ -20,11 +20,9 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from tflow.channels import communicate
-from tflow.channels.latent import SLOT, receiver_turn
-from tflow.encoding import token_ids
+from tflow.agents.generation import context_length
+from tflow.channels import communicate, registry
 from tflow.errors import TflowError
-from tflow.generation import context_length
 from tflow.serving.metrics import Metrics
 from tflow.serving.protocol import APIError
 from tflow.team import channel_settings
@@ -168,27 +166,12 @@ class Batcher:
             self._answer(ready)
 
     def _too_long(self, job: Job) -> str | None:
-        """Why the job's prompts do not fit their agents' contexts, or None when they do.
-
-        On the kv channel every sender's turn and latent steps come before the receiver's prompt
-        on one trace; on the latent channel each sender's thoughts take positions in its own
-        rollout and in the receiver's prompt.
-        """
-        team, receiver = self.team, self.team.receiver
-        steps = channel_settings(team.recipe, job.channel).get("latent_steps", 0)
-        senders = [] if job.channel == "none" else [  # the receiver alone reads no sender prompt
-            (s, _tokens(s, s.prompt(job.query, job.contexts.get(s.name)))) for s in team.senders]
-        if job.channel == "latent":
-            turn = receiver_turn(receiver, job.query, [s.name for s in team.senders])
-            mine = sum(map(len, token_ids(receiver.tokenizer, turn.split(SLOT)))) + steps * len(senders)
-        else:
-            mine = _tokens(receiver, receiver.prompt(job.query))
-        if job.channel == "kv":
-            checks = [(receiver, sum(n + steps for _, n in senders) + mine, job.max_tokens)]
-        else:
-            extra = team.recipe.generate.message_tokens if job.channel == "text" else steps
-            checks = [(receiver, mine, job.max_tokens), *((s, n, extra) for s, n in senders)]
-        for agent, tokens, budget in checks:
+        """Why the job's prompts do not fit their agents' contexts, or None when they do: each
+        agent's prompt positions and new tokens as the channel counts them (`Channel.context_use`)."""
+        team = self.team
+        options = channel_settings(team.recipe, job.channel)
+        uses = registry.get(job.channel).context_use(team, job.query, job.contexts, job.max_tokens, options)
+        for agent, tokens, budget in uses:
             limit = context_length(agent.model)
             if limit is not None and tokens + budget > limit:
                 return (f"the {agent.name} prompt of {tokens} tokens plus {budget} new tokens exceeds its context "
@@ -204,8 +187,7 @@ class Batcher:
             replies = communicate(
                 self.team.senders, self.team.receiver, [job.query for job, _ in rows], channel=channel,
                 max_new_tokens=[job.max_tokens for job, _ in rows], contexts=[job.contexts for job, _ in rows],
-                message_tokens=self.team.recipe.generate.message_tokens, stream=fanout, **jobs[0].sampling,
-                **channel_settings(self.team.recipe, channel))
+                stream=fanout, **jobs[0].sampling, **channel_settings(self.team.recipe, channel))
         except TflowError as err:
             if len(jobs) == 1:
                 self._send(jobs[0], ("error", APIError(400, str(err))))
@@ -229,9 +211,6 @@ class Batcher:
             self._send(job, ("done", replies[at:at + job.n]))
             at += job.n
 
-
-def _tokens(agent, prompt: str) -> int:
-    return len(token_ids(agent.tokenizer, [prompt])[0])
 
 
 class _Fanout:

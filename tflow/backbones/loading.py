@@ -1,0 +1,68 @@
+"""Loading frozen backbones: hub id or local folder, through from_pretrained; tiny ones built on demand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tflow.backbones import gguf as gguf_models
+from tflow.errors import ModelLoadError, first_line
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ModelLoadError(f"model.device: unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model.device is {name!r} but no CUDA device is available; use auto or cpu")
+    return device
+
+
+def load_backbone(section, where: str = "model", agent: str | None = None):
+    """(model, tokenizer) for a recipe `model` section: frozen, eval mode, on its device.
+
+    A GGUF `path` is dequantized once into `section.cache_dir` (reported on stderr). Errors name
+    the section as `where` (`senders.0.model`) and, when given, the `agent` that runs it.
+
+    Raises:
+        ModelLoadError: the path is neither a loadable folder, a readable GGUF file nor a cached
+            hub id, or the tokenizer has no chat template.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = section.path
+    if gguf_models.is_gguf(path):
+        path = str(gguf_models.cached_folder(path, section.cache_dir))
+    if section.tiny is not None and not Path(path).exists():
+        from tflow.backbones import tiny
+
+        options = section.tiny.model_dump()
+        tiny.build(path, vocab_size=options.pop("vocab_size"), seed=options.pop("seed"), **options)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[section.dtype])
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"{where}.path: cannot load {path!r}{_of(agent)} ({first_line(err)}); give a local folder with config.json and "
+            "weights, or a hub id already in the local cache (downloads are off)"
+        ) from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(f"{where}.path: the tokenizer of {path!r}{_of(agent)} has no chat template; "
+                             "use a chat/instruct model")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.requires_grad_(False).eval()
+    return model.to(resolve_device(section.device)), tokenizer
+
+
+def _of(agent: str | None) -> str:
+    return f" (for {agent})" if agent else ""

@@ -1,0 +1,1 @@
+"""Recipes: the schema, `key=value` overrides and the reference renderer."""

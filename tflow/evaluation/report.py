@@ -1,0 +1,294 @@
+"""Evaluation reports: report.json, report.md (the paper's table), report.png and predictions.jsonl.
+
+All four are rendered from one dict (`report_dict`), so they agree with each other. A channel
+with a trained part adds its delta diagnostics and, when asked, its ablation rows
+(`tflow.channels.weights.diagnostics`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from tflow.evaluation.evaluate import STAGES, ChannelResult, EvalResult
+from tflow.io import atomic_write, atomic_write_text, writable_dir
+
+REPORT_FILES = ("report.json", "report.md", "report.png", "predictions.jsonl")
+COLUMNS = ("channel", "accuracy (%)", "processed tokens", "time (s)",
+           "tokens vs text", "tokens vs none", "time vs text", "time vs none")
+NOTE = (
+    "Processed tokens: prompt tokens (padding excluded) + generated tokens (through the first EOS) "
+    "of every agent, sender prefill included, summed over all queries; prompt tokens a sender read "
+    "from its role prefix, kept per backbone, are not counted (each prefix is counted once, for the "
+    "query that first ran it). Time: wall seconds of every "
+    "stage, each batched call counted once. A ratio is this channel's value over the named "
+    "channel's; — where that channel was not run."
+)
+ABLATION_COLUMNS = ("row", "accuracy (%)", "vs {channel} (points)", "vs none (points)", "right for the donor (%)",
+                    "refused deltas")
+ABLATION_NOTE = (
+    "Every row answers every query with an edited message. shuffled: another query's (a fixed "
+    "derangement of the evaluated set; right for the donor: replies that answer the query the "
+    "message came from); static: the exact mean over the evaluated set; "
+    "drop-sender:NAME: without NAME's share; scale:K: times K. If the message carries the query, "
+    "shuffled and static fall to near none, and so does dropping the sender that holds what the "
+    "query needs."
+)
+
+
+def report_dict(result: EvalResult) -> dict:
+    """The report as plain data: what report.json holds and the other files render."""
+    report = {"task": result.task, "n": result.n, "processes": result.processes,
+              "channels": {name: _channel(r, result.n) for name, r in result.channels.items()}}
+    if result.ablations:
+        report["ablations"] = {channel: {row: _channel(r, result.n) for row, r in rows.items()}
+                               for channel, rows in result.ablations.items()}
+    if result.diagnostics:
+        report["diagnostics"] = result.diagnostics
+    return report
+
+
+def _channel(r: ChannelResult, n: int) -> dict:
+    return {
+        "label": r.label or r.channel,
+        "accuracy": r.accuracy,
+        "correct": r.correct,
+        "seconds": r.seconds,
+        "seconds_by_stage": r.seconds_by_stage,
+        "wall_seconds": r.wall_seconds,
+        "peak_memory_bytes": r.peak_memory_bytes,
+        "tokens": {"total": r.tokens, "by_agent": r.tokens_by_agent, "by_stage": r.tokens_by_stage,
+                   "cached": r.cached_tokens},
+        "tokens_per_query": r.tokens / n,
+        "kv_cache_bytes": r.kv_cache_bytes,
+        "message_bytes": r.message_bytes / n,
+        "refused_deltas": r.refused_deltas,
+        "accuracy_by_holder": r.accuracy_by_holder(),
+        "donor_accuracy": r.donor_accuracy,
+        "errors": [asdict(f) for f in r.failures],
+    }
+
+
+def write_report(result: EvalResult, out: str | Path) -> dict:
+    """Write the four `REPORT_FILES` into folder `out`, each atomically; returns `report_dict`.
+
+    Raises:
+        OutputError: `out` cannot be created or written.
+    """
+    out = writable_dir(out)
+    report = report_dict(result)
+    rows = dict(result.channels)
+    rows.update({f"{channel}/{row}": r for channel, ablated in result.ablations.items() for row, r in ablated.items()})
+    lines = [json.dumps({"channel": name, **asdict(p)}) + "\n" for name, r in rows.items() for p in r.predictions]
+    atomic_write_text(out / "predictions.jsonl", "".join(lines))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.md", markdown(report))
+    atomic_write(out / "report.png", lambda tmp: figure(report).savefig(tmp, format="png", dpi=120))
+    return report
+
+
+def table_rows(report: dict) -> list[list[str]]:
+    """One row of `COLUMNS` per channel; ratios only against channels that were run."""
+    channels = report["channels"]
+
+    def ratio(name: str, reference: str, value: Callable[[dict], float]) -> str:
+        if reference not in channels or not value(channels[reference]):
+            return "—"
+        return f"{value(channels[name]) / value(channels[reference]):.2f}×"
+
+    def tokens(c: dict) -> float:
+        return c["tokens"]["total"]
+
+    def seconds(c: dict) -> float:
+        return c["seconds"]
+
+    return [
+        [c.get("label", name), f"{100 * c['accuracy']:.2f}", str(c["tokens"]["total"]), f"{c['seconds']:.2f}",
+         ratio(name, "text", tokens), ratio(name, "none", tokens),
+         ratio(name, "text", seconds), ratio(name, "none", seconds)]
+        for name, c in channels.items()
+    ]
+
+
+def ablation_rows(report: dict, channel: str) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of `channel`'s ablation table: the channel itself, then each ablation row.
+
+    Points are accuracy differences in percentage points; a column of accuracy by the sender that
+    held the fact is added where the examples say (relay) and more than one sender held one.
+    """
+    base, none = report["channels"][channel], report["channels"].get("none")
+    rows = {channel: base, **report.get("ablations", {}).get(channel, {})}
+    holders = len(base["accuracy_by_holder"]) > 1
+    header = [c.format(channel=channel) for c in ABLATION_COLUMNS] + ["accuracy by holder (%)"] * holders
+
+    def points(c: dict, reference: dict | None) -> str:
+        return "—" if reference is None else f"{100 * (c['accuracy'] - reference['accuracy']):+.2f}"
+
+    table = []
+    for name, c in rows.items():
+        donor = "—" if c["donor_accuracy"] is None else f"{100 * c['donor_accuracy']:.2f}"
+        row = [name, f"{100 * c['accuracy']:.2f}", points(c, base), points(c, none), donor, str(c["refused_deltas"])]
+        if holders:
+            row.append(", ".join(f"{h} {100 * v['accuracy']:.2f}" for h, v in c["accuracy_by_holder"].items()))
+        table.append(row)
+    return header, table
+
+
+def markdown(report: dict) -> str:
+    """report.md: the channel table, the costs per stage, then each trained channel's checks."""
+    out = [f"# {report['task']}: channels compared (n = {report['n']})", "",
+           _md_row(COLUMNS), _md_row(["---"] * len(COLUMNS)), *map(_md_row, table_rows(report)), "", NOTE, "",
+           "## Costs per stage", "",
+           _md_row(["channel", "sender tokens", "receiver tokens", *(f"{s} (s)" for s in STAGES),
+                    "message bytes / query", "KV-cache bytes / query"]),
+           _md_row(["---"] * 8)]
+    for name, c in report["channels"].items():
+        stage_seconds = [f"{c['seconds_by_stage'][s]:.2f}" if s in c["seconds_by_stage"] else "—" for s in STAGES]
+        out.append(_md_row([c.get("label", name), str(c["tokens"]["by_stage"]["senders"]), str(c["tokens"]["by_stage"]["receiver"]),
+                            *stage_seconds, f"{c['message_bytes']:.0f}", f"{c['kv_cache_bytes'] / report['n']:.0f}"]))
+    if report["processes"] > 1:
+        walls = ", ".join(f"{c.get('label', name)} {c['wall_seconds']:.2f}" for name, c in report["channels"].items())
+        out += ["", f"Sharded over {report['processes']} processes: the stage seconds add up every process's; "
+                f"wall seconds per channel (its slowest process): {walls}."]
+    failed = [(c.get("label", name), e) for name, c in report["channels"].items() for e in c["errors"]]
+    if failed:
+        out += ["", "## Failed queries (counted as wrong)", "", _md_row(["channel", "example", "rank", "error"]),
+                _md_row(["---"] * 4), *(_md_row([name, str(e["index"]), str(e["rank"]), e["message"]]) for name, e in failed)]
+    for channel in report.get("ablations", {}):
+        header, rows = ablation_rows(report, channel)
+        out += ["", f"## Does the message carry the query? ({channel} ablations)", "",
+                _md_row(header), _md_row(["---"] * len(header)), *map(_md_row, rows), "", ABLATION_NOTE]
+    for channel, d in report.get("diagnostics", {}).items():
+        out += ["", f"## Delta diagnostics ({channel})", "", *_diagnostics_lines(d)]
+    return "\n".join(out) + "\n"
+
+
+def _diagnostics_lines(d: dict) -> list[str]:
+    norms = sorted(n for n in d["row_norms"] if n is not None)
+    bound = d["max_delta_norm"]
+    guard = (f"max_delta_norm {bound:g}" if bound is not None else "no max_delta_norm set") + f", {d['refused']} refused"
+    lines = [f"- Per-query delta norm over {d['queries']} queries: median {norms[len(norms) // 2]:.4g}, "
+             f"min {norms[0]:.4g}, max {norms[-1]:.4g}; {guard}." if norms else
+             f"- No finite delta among {d['queries']} queries; {guard}."]
+    c = d["cosine"]
+    if c is None:
+        lines.append("- Cosine similarity between queries' deltas: fewer than two non-zero deltas to compare.")
+    else:
+        q = c["quantiles"]
+        lines.append(f"- Cosine similarity between different queries' deltas ({c['queries']} queries): mean "
+                     f"{c['mean']:.3f}, 5-95% {q['p5']:.3f} to {q['p95']:.3f}, min {c['min']:.3f}, max "
+                     f"{c['max']:.3f}. Share of a delta's squared norm that is not the mean delta: "
+                     f"{c['query_specific_share']:.3f}. Cosines near 1 say the deltas share one direction; "
+                     "whether the rest carries the query, the ablations tell.")
+    shares = ", ".join(f"{name} {n:.4g}" for name, n in d["sender_norms"].items() if n is not None)
+    lines.append(f"- Mean norm of each sender's share: {shares or '—'}.")
+    if d["norms"] is not None:
+        grid = d["norms"]
+        lines += ["", "Mean norm by layer and module kind:", "",
+                  _md_row(["layer", *grid["kinds"]]), _md_row(["---"] * (len(grid["kinds"]) + 1))]
+        lines += [_md_row([str(layer), *("—" if v is None else f"{v:.3g}" for v in row)])
+                  for layer, row in zip(grid["layers"], grid["mean_norm"], strict=True)]
+    return lines
+
+
+def _md_row(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def render_table(report: dict) -> str:
+    """The channel table, then any ablation table, as terminal text (rich tables)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    tables = [(COLUMNS, table_rows(report), f"{report['task']} (n = {report['n']})")]
+    tables += [(*ablation_rows(report, channel), f"{channel} ablations") for channel in report.get("ablations", {})]
+    console = Console(file=io.StringIO(), width=140, color_system=None)
+    for columns, rows, title in tables:
+        table = Table(*columns, title=title)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    return console.file.getvalue().rstrip("\n")
+
+
+def figure(report: dict):
+    """report.png (drawn by Agg): accuracy vs processed tokens and seconds per stage, per channel;
+    with a trained channel, its ablation accuracies, and a row of its delta diagnostics."""
+    from matplotlib.figure import Figure
+
+    diagnostics = report.get("diagnostics", {})
+    cols = 3 if diagnostics else 2
+    fig = Figure(figsize=(5.5 * cols, 4.2 * (1 + len(diagnostics))), layout="constrained")
+    axes = fig.subplots(1 + len(diagnostics), cols, squeeze=False)
+    left, right = axes[0][:2]
+    channels = report["channels"]
+    for name, c in channels.items():
+        point = (c["tokens"]["total"], 100 * c["accuracy"])
+        left.scatter(*point, s=60)
+        left.annotate(c.get("label", name), point, textcoords="offset points", xytext=(6, 4))
+    left.set(xlabel="processed tokens", ylabel="accuracy (%)", ylim=(-5, 105),
+             title=f"{report['task']}: accuracy vs processed tokens")
+    left.margins(x=0.2)  # room for the labels of the outermost points
+    bottom = [0.0] * len(channels)
+    for stage in STAGES:
+        heights = [c["seconds_by_stage"].get(stage, 0.0) for c in channels.values()]
+        right.bar(list(channels), heights, bottom=bottom, label=stage)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    right.set(ylabel="seconds", title="time per stage")
+    right.legend()
+    if diagnostics:
+        _ablation_panel(axes[0][2], report)
+    for row, (channel, d) in zip(axes[1:], diagnostics.items(), strict=True):
+        _diagnostics_panels(row, channel, d)
+    return fig
+
+
+def _ablation_panel(ax, report: dict) -> None:
+    """Accuracy of each trained channel and its ablation rows, with the none channel as a line."""
+    bars = {}
+    for channel, rows in report.get("ablations", {}).items():
+        bars[channel] = report["channels"][channel]["accuracy"]
+        bars.update({f"{channel}/{row}": c["accuracy"] for row, c in rows.items()})
+    if not bars:
+        ax.text(0.5, 0.5, "no ablations run\n(tflow eval --ablations ...)", ha="center", va="center")
+        ax.set_axis_off()
+        return
+    ax.bar(list(bars), [100 * a for a in bars.values()], color="tab:purple")
+    if "none" in report["channels"]:
+        ax.axhline(100 * report["channels"]["none"]["accuracy"], color="gray", linestyle="--", label="none")
+        ax.legend()
+    ax.set(ylabel="accuracy (%)", ylim=(0, 105), title="does the message carry the query?")
+    ax.tick_params(axis="x", labelrotation=30)
+
+
+def _diagnostics_panels(row, channel: str, d: dict) -> None:
+    """Mean norm by layer and kind, per-query norms against max_delta_norm, cross-query cosines."""
+    heat, norms, cosine = row
+    if d["norms"] is not None:
+        grid = d["norms"]
+        values = [[float("nan") if v is None else v for v in r] for r in grid["mean_norm"]]
+        image = heat.imshow(values, aspect="auto", cmap="viridis")
+        heat.set(xticks=range(len(grid["kinds"])), xticklabels=grid["kinds"], yticks=range(len(grid["layers"])),
+                 yticklabels=grid["layers"], ylabel="layer", title=f"{channel}: mean delta norm")
+        heat.tick_params(axis="x", labelrotation=45)
+        heat.figure.colorbar(image, ax=heat)
+    else:
+        heat.set_axis_off()
+    finite = [n for n in d["row_norms"] if n is not None]
+    norms.hist(finite, bins=30, color="tab:blue")
+    if d["max_delta_norm"] is not None:
+        norms.axvline(d["max_delta_norm"], color="tab:red", linestyle="--", label=f"max_delta_norm {d['max_delta_norm']:g}")
+        norms.legend()
+    norms.set(xlabel="delta norm", ylabel="queries",
+              title="per-query delta norm" + ("" if d["max_delta_norm"] is not None else " (no max_delta_norm set)"))
+    c = d["cosine"]
+    if c is not None:
+        edges, counts = c["histogram"]["edges"], c["histogram"]["counts"]
+        cosine.stairs(counts, edges, fill=True, color="tab:green")
+        cosine.axvline(c["mean"], color="black", linestyle="--", label=f"mean {c['mean']:.3f}")
+        cosine.legend()
+    cosine.set(xlabel="cosine similarity", ylabel="query pairs", xlim=(-1.05, 1.05),
+               title="between different queries' deltas")
