@@ -1,3 +1,5 @@
+"""Fixtures every test shares: tiny Qwen3-shaped models and tokenizers built locally, deltas, generators."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
