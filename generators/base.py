@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from einops import rearrange
+from pydantic import ValidationError
 from torch import Tensor, nn
 
+from generators.settings import GeneratorSettings
 from tflow.backbones.families import ReceiverSpec
 from tflow.errors import RecipeError, TargetError
 from tflow.lora.delta import LoRADelta
@@ -25,15 +27,6 @@ def masked_mean(cond: Tensor, mask: Tensor) -> Tensor:
     mask = mask.bool()
     total = torch.where(mask[..., None], cond, 0.0).sum(dim=1)
     return total / mask.sum(dim=1, keepdim=True).clamp(min=1).to(cond.dtype)
-
-
-def _number_problem(cfg: Mapping[str, Any], key: str, integer: bool, valid: Callable[[float], bool],
-                    need: str) -> list[str]:
-    """`generator.key: message` for a value of the wrong type or out of range, else nothing."""
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, (int,) if integer else (int, float)):
-        return [f"generator.{key}: must be {'an integer' if integer else 'a number'}, got {value!r}"]
-    return [] if valid(value) else [f"generator.{key}: must be {need}, got {value}"]
 
 
 class SlotHead(nn.Module):
@@ -109,17 +102,18 @@ class Detokenizer(SlotHead):
 class Generator(nn.Module):
     """Maps per-(sender, query) conditioning to LoRA factors for every module of `spec`.
 
-    Subclasses register with `generators.register(kind)`, extend `defaults` with their own knobs
-    and `problems` with their own checks, and implement `forward`.
+    Subclasses register with `generators.register(kind)`, subclass `Settings` for knobs of their
+    own, and implement `forward`.
 
     Raises:
         RecipeError: every unknown key or invalid value in `config`, all at once.
     """
 
-    defaults: ClassVar[dict[str, Any]] = {
-        "rank": 4, "alpha": 8.0, "d_model": 256, "depth": 2, "heads": 4, "dropout": 0.0,
-        "head_scale": None,
-    }
+    Settings: ClassVar[type[GeneratorSettings]] = GeneratorSettings
+    """The settings this kind takes (a subclass adds a kind's own knobs)."""
+    default_rank: ClassVar[int] = 4
+    copy_head: ClassVar[bool] = True
+    """Whether the weights channel's copy head can sit beside this kind's deltas."""
     kind: ClassVar[str]
 
     def __init__(self, spec: ReceiverSpec, config: Mapping[str, Any], sender_hidden_size: int):
@@ -142,33 +136,27 @@ class Generator(nn.Module):
 
     @classmethod
     def resolve(cls, config: Mapping[str, Any]) -> dict[str, Any]:
-        """Defaults filled in (a `None` value means the default), validated, JSON-serialisable.
+        """Defaults filled in (a `None` value means the default), validated against `Settings`,
+        JSON-serialisable. `rank` None resolves to `default_rank`, `head_scale` None to 1 / d_model.
 
-        `head_scale` None resolves to 1 / d_model.
+        Raises:
+            RecipeError: every unknown key or invalid value, as `generator.key: message`, all at once.
         """
-        unknown = [k for k in config if k != "kind" and k not in cls.defaults]
-        problems = [f"generator.{k}: unknown key for kind {cls.kind!r}; known keys: "
-                    + ", ".join(["kind", *cls.defaults]) for k in unknown]
-        cfg = {"kind": cls.kind, **cls.defaults}
-        cfg.update({k: v for k, v in config.items() if k in cls.defaults and v is not None})
-        problems += cls.problems(cfg)
-        if problems:
-            raise RecipeError(problems)
+        from tflow.config.explain import explain
+
+        given = {k: v for k, v in config.items() if k != "kind" and v is not None}
+        try:
+            settings = cls.Settings.model_validate(given, strict=True)
+        except ValidationError as err:
+            problems = [explain({**e, "loc": ("generator", *e["loc"])}, cls.Settings) for e in err.errors()]
+            known = ", ".join(["kind", *cls.Settings.model_fields])
+            raise RecipeError([p.replace("unknown key", f"unknown key for kind {cls.kind!r} (known keys: {known})", 1)
+                               if p.endswith("unknown key") else p for p in problems]) from None
+        cfg = {"kind": cls.kind, **settings.model_dump()}
+        cfg["rank"] = cfg["rank"] or cls.default_rank
         cfg["alpha"], cfg["dropout"] = float(cfg["alpha"]), float(cfg["dropout"])
         cfg["head_scale"] = float(cfg["head_scale"] or 1.0 / cfg["d_model"])
         return cfg
-
-    @classmethod
-    def problems(cls, cfg: Mapping[str, Any]) -> list[str]:
-        """What is wrong with a defaults-filled config, as `generator.key: message` lines."""
-        problems = []
-        for key in ("rank", "d_model", "depth", "heads"):
-            problems += _number_problem(cfg, key, True, lambda v: v > 0, "> 0")
-        problems += _number_problem(cfg, "alpha", False, lambda v: 0 < v < math.inf, "> 0")
-        problems += _number_problem(cfg, "dropout", False, lambda v: 0 <= v < 1, "in [0, 1)")
-        if cfg["head_scale"] is not None:
-            problems += _number_problem(cfg, "head_scale", False, lambda v: 0 < v < math.inf, "> 0")
-        return problems
 
     def forward(self, cond: Tensor, mask: Tensor) -> Factors:
         """cond: [N, T, H] (padding zero), mask: [N, T] bool -> {name: (A [N, r, in], B [N, out, r])}."""

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from einops import rearrange
@@ -56,13 +55,8 @@ class BasisGenerator(ParamTokenGenerator):
     for per-row LoRA factors, and the hook reads U and V once for the whole batch.
     """
 
-    defaults = {**ParamTokenGenerator.defaults, "rank": 16}
-
-    @classmethod
-    def problems(cls, cfg: Mapping[str, Any]) -> list[str]:
-        """The param-token checks, with `rank` named as what it is here: the basis size K."""
-        return [p.replace("generator.rank:", "generator.rank (the basis size K):", 1)
-                for p in super().problems(cfg)]
+    default_rank = 16
+    copy_head = False  # its deltas live on a shared basis: no per-token rank beside them
 
     def head(self, spec: ReceiverSpec) -> CoreHead:
         return CoreHead(spec, self.config["d_model"], self.rank, self.config["head_scale"])

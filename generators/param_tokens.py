@@ -63,16 +63,6 @@ class ParamTokenGenerator(Generator):
         )
         self.norm = nn.LayerNorm(d)
 
-    @classmethod
-    def problems(cls, cfg: Mapping[str, Any]) -> list[str]:
-        """The base checks plus: attention heads must split d_model evenly."""
-        problems = super().problems(cfg)
-        if not problems and cfg["d_model"] % cfg["heads"]:
-            problems.append(
-                f"generator.d_model: must be divisible by generator.heads ({cfg['heads']}), got {cfg['d_model']}"
-            )
-        return problems
-
     def forward(self, cond: Tensor, mask: Tensor) -> Factors:
         """cond: [N, T, H], mask: [N, T] (True = real) -> {name: (A [N, r, in], B [N, out, r])}."""
         mask = mask.bool()

@@ -25,6 +25,8 @@ def explain(error: dict, schema: type[BaseModel]) -> str | None:
     path = ".".join(map(str, loc))
     if kind == "recipe_names":
         return None  # reported by _raw_name_problems, which also runs when other sections fail
+    if kind == "key_problem":  # a section's validator naming the key inside it
+        return f"{path}.{ctx['key']}: {ctx['message']}" if path else f"{ctx['key']}: {ctx['message']}"
     if kind == "model_path_not_found":
         where = f"{path}." if path else ""
         return (f"{where}path: folder not found: {ctx['value']} "

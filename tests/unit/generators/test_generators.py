@@ -123,12 +123,13 @@ def test_config_is_resolved_serialisable_and_rebuilds(qwen, kind):
     ("override", "message"),
     [
         ({"rank": 0}, "generator.rank: must be > 0, got 0"),
-        ({"alpha": -1.0}, "generator.alpha: must be > 0, got -1.0"),
-        ({"depth": 0}, "generator.depth: must be > 0, got 0"),
-        ({"d_model": 30}, "generator.d_model: must be divisible by generator.heads (4), got 30"),
-        ({"dropout": 1.0}, "generator.dropout: must be in [0, 1), got 1.0"),
-        ({"rank": "4"}, "generator.rank: must be an integer, got '4'"),
-        ({"num_tokens": 8}, "generator.num_tokens: unknown key for kind 'param_tokens'; known keys: kind, rank"),
+        ({"alpha": -1.0}, "generator.alpha: must be > 0, got -1"),
+        ({"depth": 0}, "generator.depth: must be >= 1, got 0"),
+        ({"d_model": 30}, "generator.heads: must divide d_model 30, got 4"),
+        ({"d_model": 30, "heads": 5}, "generator.heads: must divide d_model 30, got 5"),
+        ({"dropout": 1.0}, "generator.dropout: must be < 1, got 1"),
+        ({"rank": "4"}, "generator.rank: expected an integer, got '4'"),
+        ({"num_tokens": 8}, "generator.num_tokens: unknown key for kind 'param_tokens' (known keys: kind, rank"),
     ],
 )
 def test_bad_config_raises_recipe_error(qwen, override, message):
@@ -143,7 +144,7 @@ def test_every_problem_is_reported_at_once(qwen):
     with pytest.raises(RecipeError) as err:
         generators.build({"kind": "mlp", "rank": 0, "alpha": 0, "depth": -1, "colour": 1}, spec, 64)
     assert [p.split(":")[0] for p in err.value.problems] == [
-        "generator.colour", "generator.rank", "generator.depth", "generator.alpha"
+        "generator.rank", "generator.alpha", "generator.depth", "generator.colour"
     ]
 
 

@@ -215,8 +215,8 @@ def test_gradient_reaches_every_generator_parameter(qwen):
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ({"rank": 0}, "generator.rank (the basis size K): must be > 0, got 0"),
-    ({"rank": -2}, "generator.rank (the basis size K): must be > 0, got -2"),
+    ({"rank": 0}, "generator.rank: must be > 0, got 0"),
+    ({"rank": -2}, "generator.rank: must be > 0, got -2"),
 ])
 def test_k_not_positive_is_a_one_line_error(qwen, override, message):
     with pytest.raises(RecipeError) as err:

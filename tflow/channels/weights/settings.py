@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from generators.settings import GeneratorSettings
 from tflow.config.base import Section, layer_indices, show, suggest, unique_items
+from tflow.config.explain import explain
 
 
-class GeneratorSection(Section):
+class GeneratorSection(GeneratorSettings):
     """The hypernetwork turning sender hidden states into per-query LoRA factors."""
+
+    model_config = ConfigDict(extra="allow")  # a kind's own settings, checked against it below
 
     kind: str = "param_tokens"
     """Architecture, a kind registered in `generators`: `param_tokens` (transformer over parameter
     tokens, the paper's), `mlp`, or `basis` (the param-token trunk emitting a K x K core per module
-    on a shared learned basis)."""
-    rank: int | None = Field(None, gt=0)
-    """LoRA rank r of each sender's delta (the fused delta has rank r × senders); for `basis`, the
-    basis size K (senders' cores add, so the fused delta has rank K). null: 4, or 16 for `basis`."""
-    alpha: float = Field(8.0, gt=0)
-    """LoRA alpha; deltas are scaled by alpha / rank."""
+    on a shared learned basis). Its settings are `generators.get(kind).Settings`."""
     targets: list[str] | None = Field(None, min_length=1)
     """Linear module kinds of the receiver to patch in each targeted layer; null: every linear kind
     of the receiver's family (q/k/v/o/gate/up/down_proj; Phi-3's fused qkv_proj, o_proj,
@@ -27,37 +27,16 @@ class GeneratorSection(Section):
     layout."""
     layers: list[int] | None = None
     """Decoder layer indices to patch; null patches every layer."""
-    d_model: int = Field(256, gt=0)
-    """Hidden width of the generator."""
-    depth: int = Field(2, ge=1)
-    """Number of generator blocks."""
-    heads: int = Field(4, ge=1)
-    """Attention heads in each generator block; must divide `d_model`."""
-    dropout: float = Field(0.0, ge=0, lt=1)
-    """Dropout inside the generator during training."""
-    head_scale: float | None = Field(None, gt=0)
-    """Multiplier on the B heads' output; null: 1 / d_model, which keeps each optimizer step's
-    change of the delta near lr whatever d_model (with 1, training diverges on deep receivers)."""
     copy_head: bool = False
     """Add a copy head (`tflow.channels.weights.copy_head`): one rank per sender token on the receiver's LM head,
     keyed by the sender's state before the token and voting for that token, so the receiver can
     state a sender's exact value (a name, a number). Needs senders on the receiver's backbone
-    and tokenizer; not with `basis`. It makes the delta's rank the senders' length."""
+    and tokenizer, and a kind whose deltas can sit beside it (not `basis`). It makes the delta's
+    rank the senders' length."""
     max_delta_norm: float | None = Field(None, gt=0)
     """Largest norm of a query's delta the receiver accepts: the Frobenius norm of all its modules'
     updates together, sqrt(sum ||scale·B A||²). A query whose delta exceeds it, or is not finite
     (always refused), is answered without the delta and its reply says so; null: no bound."""
-
-    @model_validator(mode="after")
-    def _default_rank(self) -> GeneratorSection:
-        if self.copy_head and self.kind == "basis":
-            raise ValueError("copy_head: not available with kind basis (its deltas live on a shared basis); "
-                             "use param_tokens or mlp")
-        if self.rank is None:
-            import generators
-
-            self.rank = generators.get(self.kind).defaults["rank"]
-        return self
 
     _unique = field_validator("targets", "layers")(unique_items)
     _layers = field_validator("layers")(layer_indices)
@@ -72,13 +51,28 @@ class GeneratorSection(Section):
             raise ValueError(f"must be one of {', '.join(known)}, got {show(kind)}{suggest(kind, known)}")
         return kind
 
-    @field_validator("heads")
-    @classmethod
-    def _heads_divide_d_model(cls, heads: int, info) -> int:
-        d_model = info.data.get("d_model")
-        if d_model is not None and d_model % heads:
-            raise ValueError(f"must divide d_model {d_model}, got {heads}")
-        return heads
+    @model_validator(mode="after")
+    def _fits_its_kind(self) -> GeneratorSection:
+        import generators
+
+        kind = generators.get(self.kind)
+        if self.copy_head and not kind.copy_head:
+            raise ValueError(f"copy_head: not available with kind {self.kind} (its deltas cannot sit beside it); "
+                             f"use {' or '.join(k for k in generators.available() if generators.get(k).copy_head)}")
+        values = {k: v for k, v in self.model_dump().items() if k in GeneratorSettings.model_fields or
+                  k in (self.model_extra or {})}
+        try:
+            kind.Settings.model_validate(values)
+        except ValidationError as err:
+            e = err.errors()[0]
+            key = ".".join(map(str, e["loc"]))
+            known = [*type(self).model_fields, *kind.Settings.model_fields]
+            message = (f"unknown key{suggest(key, known) or f' for kind {self.kind!r}'}" if e["type"] == "extra_forbidden"
+                       else explain(e, kind.Settings).removeprefix(f"{key}: "))
+            raise PydanticCustomError("key_problem", "{message}", {"key": key, "message": message}) from None
+        if self.rank is None:
+            self.rank = kind.default_rank
+        return self
 
 
 class FusionSection(Section):
