@@ -1,66 +1,16 @@
-"""Pluggable parameter generators (hypernetworks) and the registry that builds them by `kind`."""
+"""Pluggable parameter generators (hypernetworks): each kind in its own module with its settings
+beside it (`Generator.Settings`), registered by `kind` in `generators.registry`.
 
-from __future__ import annotations
-
-from collections.abc import Callable, Mapping
-from typing import Any
+`param_tokens` (the paper's transformer over parameter tokens), `mlp` (a compact shared MLP) and
+`basis` (the param-token trunk emitting K x K cores on a shared learned basis).
+"""
 
 from generators.base import Generator, masked_mean
-from tflow.backbones.families import ReceiverSpec
-from tflow.errors import RecipeError
+from generators.registry import available, build, get, register
 
-_REGISTRY: dict[str, type[Generator]] = {}
-
-
-def register(name: str) -> Callable[[type[Generator]], type[Generator]]:
-    """Class decorator: make a Generator subclass buildable as `kind: name`.
-
-    Raises:
-        ValueError: `name` is already registered.
-    """
-
-    def decorate(cls: type[Generator]) -> type[Generator]:
-        if name in _REGISTRY:
-            raise ValueError(f"generator {name!r} is already registered by {_REGISTRY[name].__name__}")
-        cls.kind = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
-
-
-def available() -> list[str]:
-    """Registered generator kinds, in registration order."""
-    return list(_REGISTRY)
-
-
-def get(kind: str) -> type[Generator]:
-    """The generator class registered as `kind`.
-
-    Raises:
-        RecipeError: no generator has that kind (the message lists those that do).
-    """
-    if kind not in _REGISTRY:
-        raise RecipeError([f"generator.kind: unknown generator {kind!r}; available: {', '.join(available())}"])
-    return _REGISTRY[kind]
-
-
-def build(config: Mapping[str, Any], spec: ReceiverSpec, sender_hidden_size: int) -> Generator:
-    """A fresh generator of `config["kind"]` emitting factors for every module of `spec`.
-
-    Raises:
-        RecipeError: unknown or missing kind, unknown keys, or invalid values (all reported at once).
-    """
-    kind = config.get("kind")
-    if kind not in _REGISTRY:
-        what = "is required" if kind is None else f"unknown generator {kind!r}"
-        raise RecipeError([f"generator.kind: {what}; available: {', '.join(available())}"])
-    return _REGISTRY[kind](spec, config, sender_hidden_size)
-
-
-# Imported last so their @register calls find the registry above; this order is `available()`.
-from generators import param_tokens  # noqa: E402, F401, I001
-from generators import mlp  # noqa: E402, F401, I001
-from generators import basis  # noqa: E402, F401, I001
+# isort: off
+# Imported in this order so their @register calls fill the registry; the order is `available()`.
+from generators import param_tokens, mlp, basis  # noqa: E402, F401
+# isort: on
 
 __all__ = ["Generator", "available", "build", "get", "masked_mean", "register"]

@@ -9,9 +9,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from generators import register
 from generators.base import SlotHead
 from generators.param_tokens import ParamTokenGenerator
+from generators.registry import register
 from tflow.backbones.families import ReceiverSpec
 from tflow.lora.basis import BasisDelta
 

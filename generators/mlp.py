@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from generators import register
 from generators.base import Factors, Generator, masked_mean
+from generators.registry import register
 from tflow.backbones.families import ReceiverSpec
 
 

@@ -9,8 +9,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from generators import register
 from generators.base import Factors, Generator
+from generators.registry import register
 from tflow.backbones.families import ReceiverSpec
 
 

@@ -3,7 +3,8 @@ layers, copy_head and max_delta_norm); a kind with knobs of its own subclasses t
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from tflow.config.base import Section
 
@@ -29,10 +30,10 @@ class GeneratorSettings(Section):
     """Multiplier on the B heads' output; null: 1 / d_model, which keeps each optimizer step's
     change of the delta near lr whatever d_model (with 1, training diverges on deep receivers)."""
 
-    @field_validator("heads")
-    @classmethod
-    def _heads_divide_d_model(cls, heads: int, info) -> int:
-        d_model = info.data.get("d_model")
-        if d_model is not None and d_model % heads:
-            raise ValueError(f"must divide d_model {d_model}, got {heads}")
-        return heads
+    @model_validator(mode="after")
+    def _heads_divide_d_model(self):
+        # After defaults are filled: a d_model alone must still fit the default heads.
+        if self.d_model % self.heads:
+            raise PydanticCustomError("key_problem", "{message}",
+                                      {"key": "heads", "message": f"must divide d_model {self.d_model}, got {self.heads}"})
+        return self

@@ -11,8 +11,8 @@ from pydantic import ValidationError
 
 from tflow.agents.agent import Receiver, Sender
 from tflow.agents.generation import GenerationSettings, RowStream
-from tflow.channels import registry
 from tflow.channels.registry import Call, Channel
+from tflow.channels.registry import get as get_channel
 from tflow.errors import ChannelError, QueryError
 from tflow.lora.delta import LoRADelta
 from tflow.reply import Reply
@@ -62,7 +62,7 @@ def communicate(senders: Sequence[Sender], receiver: Receiver, query: str | Sequ
             its range, a prompt longer than the context, a replayed message whose rows are neither
             one (delta) nor one per query, or beam search on kv or latent.
     """
-    record = registry.get(channel)
+    record = get_channel(channel)
     for keyword, value in (("delta", delta), ("message", message)):
         if value is not None and keyword != record.message_keyword:
             hint = f" (give {record.message_keyword})" if record.message_keyword else ""

@@ -126,7 +126,7 @@ def test_config_is_resolved_serialisable_and_rebuilds(qwen, kind):
         ({"alpha": -1.0}, "generator.alpha: must be > 0, got -1"),
         ({"depth": 0}, "generator.depth: must be >= 1, got 0"),
         ({"d_model": 30}, "generator.heads: must divide d_model 30, got 4"),
-        ({"d_model": 30, "heads": 5}, "generator.heads: must divide d_model 30, got 5"),
+        ({"d_model": 30, "heads": 7}, "generator.heads: must divide d_model 30, got 7"),
         ({"dropout": 1.0}, "generator.dropout: must be < 1, got 1"),
         ({"rank": "4"}, "generator.rank: expected an integer, got '4'"),
         ({"num_tokens": 8}, "generator.num_tokens: unknown key for kind 'param_tokens' (known keys: kind, rank"),
