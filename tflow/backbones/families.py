@@ -39,6 +39,19 @@ FAMILIES = {
 }
 
 
+def register_family(model_type: str, family: Family) -> Family:
+    """Make a receiver layout known by its `config.model_type`, so `ReceiverSpec.from_model` finds
+    its linear kinds without targets named by hand.
+
+    Raises:
+        ValueError: a family is already registered for that model_type.
+    """
+    if model_type in FAMILIES:
+        raise ValueError(f"model_type {model_type!r} is already the {FAMILIES[model_type].name} family")
+    FAMILIES[model_type] = family
+    return family
+
+
 @dataclass(frozen=True)
 class TargetModule:
     """One targeted nn.Linear: its full name, decoder layer, kind (e.g. `q_proj`) and shape."""

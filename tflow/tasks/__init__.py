@@ -10,9 +10,27 @@ from tflow.tasks.math_task import MATH
 from tflow.tasks.mmlu import MMLURedux
 from tflow.tasks.relay import Relay
 
-_TASKS: dict[str, type[Task]] = {task.name: task for task in (GSM8K, MATH, MMLURedux, HumanEval, MBPP, Relay)}
+_TASKS: dict[str, type[Task]] = {}
 
-__all__ = ["Example", "Task", "available", "get"]
+__all__ = ["Example", "Task", "available", "get", "register"]
+
+
+def register(task: type[Task]) -> type[Task]:
+    """Class decorator: make a Task subclass available as `data.task: <task.name>` and `--task`.
+
+    Raises:
+        ValueError: no name, or a task of that name is already registered.
+    """
+    if not task.name:
+        raise ValueError(f"task class {task.__name__} has no name")
+    if task.name in _TASKS:
+        raise ValueError(f"task {task.name!r} is already registered by {_TASKS[task.name].__name__}")
+    _TASKS[task.name] = task
+    return task
+
+
+for _task in (GSM8K, MATH, MMLURedux, HumanEval, MBPP, Relay):
+    register(_task)
 
 
 def available() -> list[str]:
