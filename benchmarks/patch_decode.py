@@ -1,7 +1,7 @@
 """Patched vs plain greedy decode, measured side by side in one run: per-row LoRA factors and a basis delta.
 
 Shape: hidden 512, 4 layers, batch 8, rank 8 (basis K 16), all 7 linear types, 64 prompt + 32 new
-tokens, CPU. Plain is a hookless twin on the same weight tensors (tflow.evaluation.bench.hookless_twin). Prints
+tokens, CPU. Plain is a hookless twin on the same weight tensors (tflow.evaluation.timing.hookless_twin). Prints
 per-variant median seconds and the median per-round patched/plain ratios.
 Run: python benchmarks/patch_decode.py [--hidden 1024 --layers 8 --intermediate 2816 --heads 16 --kv-heads 8]
 """
@@ -14,7 +14,8 @@ import json
 import torch
 
 from tflow.backbones import tiny
-from tflow.evaluation.bench import bench_model, hookless_twin, machine, measure_decode
+from tflow.evaluation.bench import machine
+from tflow.evaluation.timing import bench_model, hookless_twin, measure_decode
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ import torch
 from conftest import random_delta
 
 from tflow.errors import BenchError
-from tflow.evaluation.bench import SHAPES, bench_model, hookless_twin, run_bench, table
+from tflow.evaluation.bench import SHAPES, run_bench, table
+from tflow.evaluation.timing import bench_model, hookless_twin
 from tflow.lora.patching import patched
 
 
