@@ -4,7 +4,7 @@
 
 Runs the recipe's team on N relay queries (default 40) in batches of 4: none, text, then kv at
 each latent-step count (default 0 5 10 20 40), then latent at each count if the checkpoint has
-trained links. The queries are generated with seed 11, as tests/test_real_model.py does, with
+trained links. The queries are generated with seed 11, as tests/real/test_real_model.py does, with
 each sender's document; `--held-out` takes the first N of the recipe's held-out split instead
 (the facts `tflow eval` and `tflow demo` score). Without a checkpoint the kv LoRA is fresh, so
 kv is LatentMAS; with one, its trained LoRA (and links) run at every step count (they were
