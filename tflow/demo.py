@@ -87,7 +87,7 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings = DemoSetting
     from tflow.evaluation.report import render_table, write_report
     from tflow.io import writable_dir
     from tflow.team import load
-    from tflow.training.data import load_splits
+    from tflow.training.data import eval_examples, load_splits
     from tflow.training.loop import train
 
     hf_logging.disable_progress_bar()
@@ -99,7 +99,7 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings = DemoSetting
         overrides.append(f"seed={settings.seed}")  # data.relay.seed stays: every seed sees the same facts
     recipe = load_recipe(recipe_path, overrides)  # model.path is checked once the model is built
     splits = load_splits(recipe)
-    test = splits.val[: settings.eval_limit]
+    test = eval_examples(recipe, splits.task, "test", settings.eval_limit)  # never trained or validated on
 
     say(f"[1/4] building a tiny Qwen3-architecture model ({settings.num_layers} layers, hidden "
         f"{settings.hidden_size}) and a tokenizer, locally")

@@ -67,6 +67,10 @@ class DeviceError(TflowError, ValueError):
     """Processes that cannot run as asked: an unknown strategy, more devices than exist, no node."""
 
 
+class AggregateError(TflowError, ValueError):
+    """Evals that cannot be aggregated: a missing or unreadable report.json, or evals of different setups."""
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none), for one-line errors."""
     text = str(err).strip()

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import tflow
 from tflow import Receiver, tasks
-from tflow.channels.kv import part as kv_part
+from tflow.channels import receiver_part as kv_part
 from tflow.channels.weights import part as weights_part
 from tflow.cli import app
 from tflow.config.recipe import load_recipe
@@ -99,7 +99,7 @@ def world(tmp_path_factory) -> World:
         (ckpt / name / weights_part.GENERATOR_FILE).write_bytes(data)
     torch.save({"weights": Armed(tmp / "MARKER")}, ckpt / "generator.pt")
     (ckpt / "empty").mkdir()
-    kv_part.save(team.receiver.kv_lora, ckpt / "kvonly")
+    kv_part.save(team.receiver.kv_lora, ckpt / "kvonly", "kv", "kv")
     (ckpt / "delta").mkdir()
     LoRADelta({"m": (torch.zeros(1, 1, 2), torch.zeros(1, 2, 1))}).save(ckpt / "delta" / weights_part.GENERATOR_FILE)
     (tmp / "file").write_text("a regular file, in the way of any folder below it")
@@ -198,6 +198,10 @@ CASES = [
                                         "--set", "model.tiny=null"),
          load("model.path=nobody/no-such-model", "model.tiny=null"), ModelLoadError,
          "downloads are off"),
+    Case("tiny_model_at_a_hub_id", ask("hi", "--channel", "none", "--set", "model.path=nobody/tiny-model"),
+         load("model.path=nobody/tiny-model"), ModelLoadError,
+         "model.path: 'nobody/tiny-model' looks like a hub id, but model.tiny builds a random model there; give a "
+         "local folder such as ./models/tiny"),
     Case("tokenizer_without_chat_template", ask("hi", "--channel", "none", "--set", "model.path={tmp}/notemplate"),
          load("model.path={tmp}/notemplate"), ModelLoadError, "has no chat template; use a chat/instruct model"),
     Case("checkpoint_of_another_receiver", ask("hi", "--checkpoint", "{tmp}/ckpt/other"),
@@ -221,9 +225,9 @@ CASES = [
          lambda w: train(w.recipe_with("train.out_dir={tmp}/fresh"), resume=True), CheckpointError,
          "--resume: {tmp}/fresh/lightning/last.ckpt does not exist"),
     Case("empty_query", ask("", "--channel", "none"), communicate(""), QueryError,
-         "every query must be a non-empty string"),
+         "every query must be a non-empty string", cli_message="the question must not be empty"),
     Case("blank_query", ask(" \n ", "--channel", "none"), communicate(" \n "), QueryError,
-         "every query must be a non-empty string"),
+         "every query must be a non-empty string", cli_message="the question must not be empty"),
     Case("query_longer_than_context", ask(LONG, "--channel", "none"), communicate(LONG), QueryError,
          "new tokens exceeds the model's context of 512; shorten the query or lower max_new_tokens"),
     Case("zero_max_new_tokens", ask("hi", "--channel", "none", "--set", "generate.max_new_tokens=0"),
@@ -255,7 +259,7 @@ CASES = [
          "`tflow train RECIPE train.channel=weights"),
     Case("part_file_of_another_channel",
          ask("hi", "--channel", "latent", "--checkpoint", "{tmp}/ckpt/good/generator.safetensors"),
-         lambda w: kv_part.load(w.team.receiver.kv_lora, w.tmp / "ckpt" / "good" / weights_part.GENERATOR_FILE),
+         lambda w: kv_part.load(w.team.receiver.kv_lora, w.tmp / "ckpt" / "good" / weights_part.GENERATOR_FILE, "kv"),
          CheckpointError, "holds the weights channel's part, not the kv channel's",
          cli_message="generator.safetensors has no latent part (latent.safetensors); train it with"),
     Case("bad_context_option", ask("hi", "--channel", "none", "--context", "nobody=a document"),

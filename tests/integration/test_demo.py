@@ -24,7 +24,7 @@ def test_shortened_demo_runs_end_to_end_and_reports_every_channel(tmp_path):
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk == report
     assert report["task"] == "relay" and report["n"] == 6
-    assert list(report["channels"]) == ["none", "text", "weights", "kv", "latent"]
+    assert list(report["channels"]) == ["none", "text", "weights", "kv", "latent", "context"]
     for channel in report["channels"].values():
         assert 0.0 <= channel["accuracy"] <= 1.0
         assert channel["tokens"]["total"] > 0 and channel["seconds"] > 0
@@ -32,7 +32,7 @@ def test_shortened_demo_runs_end_to_end_and_reports_every_channel(tmp_path):
     assert report["channels"]["kv"]["label"] == "kv"  # trained: no longer LatentMAS
     for part in ("generator.safetensors", "kv/adapter_model.safetensors", "latent.safetensors"):
         assert (tmp_path / "generator" / part).is_file()
-    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 30
+    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 36
 
 
 def test_demo_seed_option_reaches_the_recipe_and_keeps_the_held_out_facts(tmp_path, monkeypatch):
@@ -47,7 +47,7 @@ def test_demo_seed_option_reaches_the_recipe_and_keeps_the_held_out_facts(tmp_pa
     recipe = yaml.safe_load((tmp_path / "generator" / "recipe.yaml").read_text())
     assert recipe["seed"] == 3
     questions = [json.loads(line)["question"] for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    held_out = relay_splits(load_recipe(DEMO_RECIPE))[1][:6]
+    held_out = relay_splits(load_recipe(DEMO_RECIPE))[2][:6]
     assert questions[:6] == [ex.question for ex in held_out]
 
 

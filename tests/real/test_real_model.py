@@ -126,7 +126,7 @@ def test_kv_senders_read_the_first_role_from_kept_states_and_say_the_same(team, 
 
 
 def test_the_server_answers_as_offline_on_the_real_model(team, examples):
-    assert served_channels(team) == ["kv", "none", "text"]  # no checkpoint: kv runs as LatentMAS
+    assert served_channels(team) == ["none", "text", "kv", "context"]  # no checkpoint: kv runs as LatentMAS
     queries = [relay.Relay().prompt(e) for e in examples]
     jobs = [("kv", q, e.contexts) for q, e in zip(queries, examples, strict=True)] + [("none", queries[0], {})]
     with serving(team, served_channels(team), max_wait_ms=300) as (url, metrics):

@@ -67,7 +67,7 @@ class Sender:
 @dataclass(eq=False)
 class Receiver:
     """The agent that answers, with each channel's trained part: `generator` (a tflow Hypernetwork,
-    weights) turns sender states into its delta, `kv_lora` (tflow.channels.kv.lora.KVLoRA, kv) is
+    weights) turns sender states into its delta, `kv_lora` (tflow.lora.receiver_lora.ReceiverLoRA, kv) is
     the LoRA it decodes a KV trace with (None: LatentMAS), `links` (tflow.channels.latent.links.Links,
     latent) map the senders' latent thoughts into its embedding space."""
 

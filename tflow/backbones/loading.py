@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
 import torch
 
 from tflow.backbones import gguf as gguf_models
+from tflow.config.base import looks_local
 from tflow.errors import ModelLoadError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,12 +31,14 @@ def resolve_device(name: str) -> torch.device:
 def load_backbone(section, where: str = "model", agent: str | None = None):
     """(model, tokenizer) for a recipe `model` section: frozen, eval mode, on its device.
 
-    A GGUF `path` is dequantized once into `section.cache_dir` (reported on stderr). Errors name
-    the section as `where` (`senders.0.model`) and, when given, the `agent` that runs it.
+    A GGUF `path` is dequantized once into `section.cache_dir`, and with `section.tiny` a missing
+    folder is built as a tiny random model (both reported on stderr). Errors name the section as
+    `where` (`senders.0.model`) and, when given, the `agent` that runs it.
 
     Raises:
         ModelLoadError: the path is neither a loadable folder, a readable GGUF file nor a cached
-            hub id, or the tokenizer has no chat template.
+            hub id, the tokenizer has no chat template, or `section.tiny` would build its random
+            model at a path shaped like a hub id (`Qwen/Qwen3-0.6B`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -45,6 +50,12 @@ def load_backbone(section, where: str = "model", agent: str | None = None):
     if section.tiny is not None and not Path(path).exists():
         from tflow.backbones import tiny
 
+        if looks_like_hub_id(path):
+            raise ModelLoadError(
+                f"{where}.path: {path!r} looks like a hub id, but {where}.tiny builds a random model "
+                f"there; give a local folder such as ./models/tiny, or set {where}.tiny=null to load the hub model"
+            )
+        print(f"building a tiny random {section.tiny.arch} model at {path}", file=sys.stderr)
         options = section.tiny.model_dump()
         tiny.build(path, vocab_size=options.pop("vocab_size"), seed=options.pop("seed"), **options)
     try:
@@ -62,6 +73,11 @@ def load_backbone(section, where: str = "model", agent: str | None = None):
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False).eval()
     return model.to(resolve_device(section.device)), tokenizer
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """Whether `path` has the shape of a hub id, `org/name`, rather than of a local folder (`./org/name`)."""
+    return not looks_local(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None
 
 
 def _of(agent: str | None) -> str:

@@ -1,7 +1,8 @@
 """Tiny models of every supported receiver family and a locally trained tokenizer: no hub, no downloads.
 
 Tests, the demo and the benchmarks build their agents here. `build(path)` saves both with
-`save_pretrained`, so the folder loads through the same `from_pretrained` path real weights take.
+`save_pretrained`, so the folder loads through the same `from_pretrained` path real weights take,
+and marks the config (`RANDOM_INIT`) so whoever loads it knows its weights are random.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+RANDOM_INIT = "tflow_random_init"
+"""The config.json key `build` sets: the folder holds the random initialisation, untrained."""
 
 
 def default_corpus() -> list[str]:
@@ -116,13 +119,22 @@ def model(tok, *, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kw
 
 def build(path: str | Path, *, corpus: Iterable[str] | None = None, vocab_size: int = 512,
           seed: int = 0, **config_kwargs) -> Path:
-    """Build a tiny model and tokenizer and `save_pretrained` both into `path`; returns `path`."""
+    """Build a tiny model and tokenizer and `save_pretrained` both into `path`; returns `path`.
+
+    The saved config carries `RANDOM_INIT` (`is_random` reads it back from the loaded model).
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     path = Path(path)
     tok = tokenizer(corpus, vocab_size)
     lm = model(tok, seed=seed, **config_kwargs)
+    setattr(lm.config, RANDOM_INIT, True)
     lm.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def is_random(lm) -> bool:
+    """Whether the causal LM `lm` was loaded from a folder `build` wrote: random weights, so its answers are noise."""
+    return bool(getattr(lm.config, RANDOM_INIT, False))

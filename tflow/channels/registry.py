@@ -78,10 +78,14 @@ class TrainedPart:
     """The channel runs untrained too (kv: LatentMAS); otherwise it needs a trained part."""
     is_zero: Callable[[nn.Module], bool] | None = None
     untrained_label: str | None = None
-    """Its label in reports while `is_zero`: `kv (LatentMAS)`."""
+    """Its label in reports while `is_zero` (default: the channel's name): `kv (LatentMAS)`."""
+    trained_label: str | None = None
+    """Its label in reports once trained (default: the channel's name): `none trained`."""
     run_dir: str | None = None
     """Where a run keeps metrics.csv and its Lightning checkpoint, relative to train.out_dir
     (None: `<channel>-run`; the weights channel keeps them in train.out_dir itself)."""
+    compare_untrained: bool = False
+    """`tflow eval` reports its row without the part beside the trained one (the trained controls)."""
     checkpointing: bool = True
     """Whether train.gradient_checkpointing may be on (reading a KV trace forbids it)."""
     describe: Callable[[Any], str] | None = None
@@ -104,6 +108,8 @@ class Ablations:
     ablate: Callable
     part: Callable
     summarize: Callable | None = None
+    check: Callable | None = None
+    """check(team, names) raises AblationError before anything runs for rows this team cannot have."""
 
 
 ContextUse = Callable[[Any, str, Mapping[str, str], int, Mapping[str, Any]], list[tuple[Any, int, int]]]
@@ -141,13 +147,19 @@ class Channel:
             raise ValueError(f"channel {self.name!r} has ablations but no message_keyword to replay them with")
 
     def label(self, receiver) -> str:
-        """Its name in reports: the part's `untrained_label` while that part is an exact no-op."""
+        """Its name in reports: for an optional part, `untrained_label` while the part is absent or
+        an exact no-op and `trained_label` once trained; otherwise the channel's name."""
         part = self.part
-        if part is not None and part.untrained_label is not None:
-            held = trained_part(receiver, self.name)
-            if held is None or (part.is_zero is not None and part.is_zero(held)):
-                return part.untrained_label
-        return self.name
+        if part is None or not part.optional:
+            return self.name
+        if self.untrained(receiver):
+            return part.untrained_label or self.name
+        return part.trained_label or self.name
+
+    def untrained(self, receiver) -> bool:
+        """Whether the receiver holds no trained part of this channel (none, or an exact no-op)."""
+        held = trained_part(receiver, self.name) if self.part is not None else None
+        return held is None or (self.part.is_zero is not None and self.part.is_zero(held))
 
 
 _CHANNELS: dict[str, Channel] = {}

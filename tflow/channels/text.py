@@ -10,6 +10,8 @@ from pydantic import Field
 from tflow.agents.encoding import prompt_length, token_ids
 from tflow.agents.generation import generate
 from tflow.agents.prefix import prefix_text
+from tflow.channels.controls import control_part, trained_receiver
+from tflow.channels.dispatch import batched_calls
 from tflow.channels.ledger import Stages, generated_usage, token_id_bytes
 from tflow.channels.registry import Call, Channel, register
 from tflow.config.base import Section
@@ -19,18 +21,9 @@ from tflow.reply import AgentUsage, Reply, Usage
 def run(call: Call) -> list[Reply]:
     senders, receiver, queries = call.senders, call.receiver, call.queries
     stages = Stages(senders, receiver)
-    messages: list[dict[str, str]] = [{} for _ in queries]
-    ledgers: list[dict[str, AgentUsage]] = [{} for _ in queries]
     with stages("senders"):
-        for s, sender in enumerate(senders):
-            prompts = [sender.prompt(text_turn(q, m), call.context(s, i))
-                       for i, (q, m) in enumerate(zip(queries, messages, strict=True))]
-            out = generate(sender.model, sender.tokenizer, prompts, call.settings, max_new_tokens=call.options["message_tokens"],
-                           reuse=prefix_text(sender))
-            for q, text in enumerate(out.texts):
-                messages[q][call.names[s]] = text
-                ledgers[q][call.names[s]] = generated_usage(sender, out, q)
-    with stages("receiver"):
+        messages, ledgers = write_messages(call)
+    with stages("receiver"), trained_receiver(receiver, "text"):
         prompts = [receiver.prompt(text_turn(q, m)) for q, m in zip(queries, messages, strict=True)]
         out = generate(receiver.model, receiver.tokenizer, prompts, call.settings, **call.decode)
     replies = []
@@ -41,6 +34,29 @@ def run(call: Call) -> list[Reply]:
         replies.append(Reply(text, "text", Usage(ledgers[q]), message_bytes=nbytes, messages=dict(messages[q]),
                              **stages.measured, finish_reason=out.finish_reasons[q]))
     return replies
+
+
+def write_messages(call: Call) -> tuple[list[dict[str, str]], list[dict[str, AgentUsage]]]:
+    """Every sender's message to every query, each sender reading the earlier ones: per query
+    {sender: message}, and per query {sender: its ledger entry}."""
+    messages: list[dict[str, str]] = [{} for _ in call.queries]
+    ledgers: list[dict[str, AgentUsage]] = [{} for _ in call.queries]
+    for s, sender in enumerate(call.senders):
+        prompts = [sender.prompt(text_turn(q, m), call.context(s, i))
+                   for i, (q, m) in enumerate(zip(call.queries, messages, strict=True))]
+        out = generate(sender.model, sender.tokenizer, prompts, call.settings,
+                       max_new_tokens=call.options["message_tokens"], reuse=prefix_text(sender))
+        for q, text in enumerate(out.texts):
+            messages[q][call.names[s]] = text
+            ledgers[q][call.names[s]] = generated_usage(sender, out, q)
+    return messages, ledgers
+
+
+def receiver_turns(team, queries: list[str], contexts: list[dict[str, str]]) -> list[str]:
+    """The user turns the receiver reads on the text channel (what its trained control learns on)."""
+    call = next(batched_calls(team.senders, team.receiver, queries, contexts, len(queries),
+                              {"message_tokens": team.recipe.generate.message_tokens}))
+    return [text_turn(q, m) for q, m in zip(queries, write_messages(call)[0], strict=True)]
 
 
 def text_turn(query: str, messages: dict[str, str]) -> str:
@@ -66,6 +82,6 @@ def context_use(team, query: str, contexts, max_tokens: int, options) -> list:
               for s in team.senders)]
 
 
-CHANNEL = register(Channel("text", run, context_use, options=TextOptions,
+CHANNEL = register(Channel("text", run, context_use, options=TextOptions, part=control_part("text", receiver_turns),
                            settings=lambda recipe: {"message_tokens": recipe.generate.message_tokens},
                            summary="senders write messages in turn, the receiver reads them all (TextMAS)"))

@@ -148,14 +148,21 @@ class RelaySection(Section):
     n_train: int = Field(2000, gt=0)
     """Training examples."""
     n_test: int = Field(200, gt=0)
-    """Test examples."""
+    """Test examples (read only by `tflow eval`)."""
+    n_val: int = Field(200, gt=0)
+    """Validation examples: what training validates on and every choice is made on; generated like
+    the training examples, and no test fact (entity, value) is in any of them."""
     seed: int = 0
     """Seed of the generated examples."""
-    format: Literal["toy", "documents"] = "toy"
+    format: Literal["toy", "documents", "category"] = "toy"
     """`toy`: one fact per sender, answered with the value. `documents`: each sender reads
-    `facts` facts, the others' documents hold confusable ones; answered in one sentence."""
+    `facts` facts, the others' documents hold confusable ones; answered in one sentence.
+    `category`: `documents` whose passwords are animals, colors, fruits or metals, asked which of
+    the four the city's password is (in no document; chance 1/4); answered in one sentence."""
     facts: int = Field(4, ge=2, le=16)
-    """Facts per sender document in the `documents` format."""
+    """Facts per sender document in the `documents` and `category` formats (`category` draws
+    disjoint splits up to about 12 facts per example, senders times facts: its 64 passwords over
+    32 cities run out)."""
 
 
 class DataSection(Section):

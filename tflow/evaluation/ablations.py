@@ -7,7 +7,9 @@ every query with an edited message and compare:
 - `shuffled`: query i gets query order[i]'s message (`derangement`, a fixed n-cycle);
 - `static`: every query gets one mean message;
 - `drop-sender`: one row per sender, that sender's share of the message removed;
-- `scale`: the message scaled by 0.5 and by 2 (a delta's size).
+- `scale`: the message scaled by 0.5 and by 2 (a delta's size);
+- `copy-head`, `trunk`: a weights delta with a copy head split into the copy head's part alone and
+  the generator trunk's part alone (the other removed).
 
 Each channel with a trained part lists the ones it runs in its record (`Channel.ablations`) and
 says how its messages are collected, edited and replayed; `tflow eval --ablations` runs them.
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 
 from tflow.errors import AblationError
 
-ABLATIONS = ("shuffled", "static", "drop-sender", "scale")
+ABLATIONS = ("shuffled", "static", "drop-sender", "scale", "copy-head", "trunk")
 
 
 def derangement(n: int, seed: int = 0) -> list[int]:
@@ -72,7 +74,7 @@ def parse_ablations(spec: str | Sequence[str] | None, channels: Sequence[str], s
     ablatable = {c.name: c.ablations.names for c in registry.channels() if c.ablations is not None}
     if names and not any(c in ablatable for c in channels):
         untrained = ", ".join(channels)
-        raise AblationError(f"channel(s) {untrained} have no trained part to ablate; ablations run on: "
+        raise AblationError(f"channel(s) {untrained} have no message to ablate; ablations run on: "
                             f"{', '.join(ablatable)} (add it to the channels)")
     runnable = {n for c in channels if c in ablatable for n in ablatable[c]}
     alone = [n for n in names if n not in runnable]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -195,9 +196,28 @@ def evaluate(team: Team, task: Task, examples: Sequence[Example], channels: str 
     result = EvalResult(task.name, len(examples), {})
     with progress_bar(progress) as bar:
         for channel in names:
+            record = registry.get(channel)
+            if record.part is not None and record.part.compare_untrained and not record.untrained(team.receiver):
+                with untrained(team.receiver, channel):  # the trained control's untrained row beside it
+                    result.channels[f"{channel}{UNTRAINED}"] = _run(team, task, examples, channel, batch_size, bar)
             result.channels[channel] = _run(team, task, examples, channel, batch_size, bar)
         add_checks(result, team, task, examples, chosen, batch_size, bar)
     return result
+
+
+UNTRAINED = "@untrained"
+"""The suffix of a report row that ran a trained control without its part (`none@untrained`)."""
+
+
+@contextmanager
+def untrained(receiver, channel: str):
+    """The receiver without its trained part of `channel` (put back after)."""
+    held = registry.trained_part(receiver, channel)
+    registry.set_trained_part(receiver, channel, None)
+    try:
+        yield
+    finally:
+        registry.set_trained_part(receiver, channel, held)
 
 
 def check_inputs(team: Team, examples: Sequence[Example], channels: str | Sequence[str], batch_size: int,
@@ -209,6 +229,10 @@ def check_inputs(team: Team, examples: Sequence[Example], channels: str | Sequen
         raise DataError("no examples to evaluate")
     if batch_size < 1:
         raise QueryError(f"batch_size must be >= 1, got {batch_size}")
+    for name in names:
+        checks = registry.get(name).ablations
+        if chosen and checks is not None and checks.check is not None:
+            checks.check(team, [n for n in chosen if n in checks.names])
     if "shuffled" in chosen and len(examples) < 2:
         raise AblationError("shuffled needs at least 2 examples to swap messages between, got 1")
     return names, chosen
@@ -223,7 +247,7 @@ def progress_bar(shown: bool) -> Progress:
 def add_checks(result: EvalResult, team: Team, task: Task, examples: Sequence[Example], chosen: Sequence[str],
                batch_size: int, bar: Progress) -> None:
     """Add the diagnostics, and the `chosen` ablation rows, of every channel in `result` with a trained part."""
-    for channel in result.channels:
+    for channel in (c for c in result.channels if not c.endswith(UNTRAINED)):
         checks = registry.get(channel).ablations
         if checks is None:
             continue

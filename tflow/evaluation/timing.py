@@ -22,12 +22,12 @@ from tflow.agents.agent import Receiver, Sender
 from tflow.agents.encoding import encode
 from tflow.backbones import tiny
 from tflow.backbones.families import ReceiverSpec
-from tflow.channels.kv.lora import KVLoRA
 from tflow.channels.latent.links import Links
 from tflow.channels.weights.hypernetwork import Hypernetwork
 from tflow.lora.basis import BasisDelta
 from tflow.lora.delta import LoRADelta
 from tflow.lora.patching import patched
+from tflow.lora.receiver_lora import ReceiverLoRA
 
 BASIS_K = 16  # the basis size the basis generator and the basis decode runs use
 LATENT_STEPS = 10  # per sender, on the kv and latent channels (the kv default)
@@ -164,7 +164,7 @@ def measure_channels(model: nn.Module, tok, queries: Sequence[str], plan,
     senders = bench_senders(model, tok, 2)
     receiver = Receiver(model, tok, "You are the executor.", name="executor")
     device = next(model.parameters()).device
-    receiver.kv_lora = KVLoRA(ReceiverSpec.from_model(model), rank=8, alpha=16).to(device)
+    receiver.kv_lora = ReceiverLoRA(ReceiverSpec.from_model(model), rank=8, alpha=16).to(device)
     receiver.links = Links([model.config.hidden_size] * 2, model.config.hidden_size).to(device)
     replies: dict[str, list] = {}
 

@@ -71,7 +71,7 @@ class ServeSettings:
 
 
 def served_channels(team) -> list[str]:
-    """The channels a team can be served on, those with a trained part first: the rule `tflow ask`
+    """The channels a team can be served on, in registry order: the rule `tflow ask`
     and `tflow eval` follow (a channel whose part is not optional needs it from the checkpoint; kv
     runs untrained as LatentMAS), and only where the channel's own check accepts the team (kv:
     every sender on the receiver's backbone)."""
@@ -83,7 +83,7 @@ def served_channels(team) -> list[str]:
     from tflow.team import channel_settings
 
     served = []
-    for channel in sorted(registry.channels(), key=lambda c: c.part is None):
+    for channel in registry.channels():
         part = channel.part
         if part is not None and not part.optional and channel.name not in team.trained:
             continue

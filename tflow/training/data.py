@@ -33,7 +33,7 @@ def load_splits(recipe) -> Splits:
     if data is None:
         raise DataError("the recipe has no data section; set data.task or data.source")
     if data.task == "relay":
-        train, val = relay_splits(recipe)
+        train, val, _ = relay_splits(recipe)
         return Splits(train[: data.limit], val[: data.limit], get("relay"))
     task = get(data.task) if data.task else Task()
     fields = _mapped_fields(data)
@@ -51,11 +51,16 @@ def load_splits(recipe) -> Splits:
     return Splits(_with_contexts(train[: data.limit], contexts), _with_contexts(val[: data.limit], contexts), task)
 
 
-def relay_splits(recipe) -> tuple[list[Example], list[Example]]:
-    """Relay train and held-out test examples for the recipe's `data.relay` settings and sender names."""
+def relay_splits(recipe) -> tuple[list[Example], list[Example], list[Example]]:
+    """Relay train, validation and held-out test examples for the recipe's `data.relay` settings and
+    sender names. No test fact (entity, value) is in any training or validation context; validation
+    is drawn like training, with a seed of its own."""
     settings = (recipe.data.relay if recipe.data else None) or RelaySection()
-    return relay.split(settings.seed, settings.n_train, settings.n_test, senders=[s.name for s in recipe.senders],
-                       format=settings.format, facts=settings.facts)
+    options = dict(senders=[s.name for s in recipe.senders], format=settings.format, facts=settings.facts)
+    train, test = relay.split(settings.seed, settings.n_train, settings.n_test, **options)
+    used = {fact for example in test for fact in example.meta["facts"]}
+    val = relay.generate(settings.n_val, settings.seed + 2, exclude=used, **options)
+    return train, val, test
 
 
 def eval_examples(recipe, task: Task, split: str = "test", limit: int | None = None) -> list[Example]:
@@ -72,7 +77,7 @@ def eval_examples(recipe, task: Task, split: str = "test", limit: int | None = N
     if task.name == "relay":
         if split != "test":
             raise DataError(f"the relay task is evaluated on its held-out test split, got split {split!r}")
-        return relay_splits(recipe)[1][:limit]
+        return relay_splits(recipe)[2][:limit]
     data = recipe.data if recipe.data is not None and recipe.data.task == task.name else None
     if data is None:
         return task.load(split=split, limit=limit)
@@ -118,3 +123,40 @@ def teacher_forced_ids(tokenizer, prompts: Sequence[str], targets: Sequence[str]
         seqs.append((p + t + [tokenizer.eos_token_id])[:max_length])
         labels.append(([-100] * len(p) + t + [tokenizer.eos_token_id])[:max_length])
     return seqs, labels
+
+
+def training_splits(checkpoint, task: str) -> set[str]:
+    """The splits of `task` the checkpoint's training read: the one it trained on and the one it
+    validated on (its own split too when validation held out a fraction of it). Relay's test split
+    is never among them. Empty without a checkpoint recipe.yaml or for another task."""
+    from pathlib import Path
+
+    from tflow.training.checkpoint import RECIPE_FILE
+
+    if checkpoint is None:
+        return set()
+    folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    if not (folder / RECIPE_FILE).is_file():
+        return set()
+    import yaml
+
+    data = (yaml.safe_load((folder / RECIPE_FILE).read_text()) or {}).get("data") or {}
+    if data.get("task") != task:
+        return set()
+    if task == "relay":
+        return {"train", "val"}
+    return {data.get("split", "train"), data.get("val_split") or data.get("split", "train")}
+
+
+def check_eval_split(checkpoint, task: str, split: str, allow: bool) -> bool:
+    """Whether `split` is one the checkpoint trained or validated on (allowed only with `allow`).
+
+    Raises:
+        DataError: it is, and `allow` is false.
+    """
+    used = split in training_splits(checkpoint, task)
+    if used and not allow:
+        raise DataError(f"checkpoint {checkpoint} was trained or validated on the {task} split {split!r}; evaluate "
+                        "on a held-out split (--split test), or pass --on-training-split to do it anyway (the "
+                        "report then says so)")
+    return used

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import shutil
-from contextlib import nullcontext
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from torch.utils.data import DataLoader
 
 from tflow.channels import registry
@@ -26,6 +29,9 @@ from tflow.team import Team, load
 from tflow.training.data import load_splits
 
 LIGHTNING_DIR = "lightning"
+QUIET_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric")
+"""Where Lightning logs its start-up banners (devices, tips, `limit_val_batches`), one or the
+other depending on import order."""
 
 
 class SavePart(L.Callback):
@@ -51,6 +57,77 @@ class AtomicCheckpointIO(L.pytorch.plugins.io.TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+class StepProgress(ProgressBar):
+    """One bar over the run's optimizer steps: `step N/max_steps`, the logged losses, and the
+    batches of a validation while it runs. (Lightning's own bars count each epoch's batches, and
+    under max_steps alone read `Epoch 0/-2`.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.shown = True
+        self.bar = None  # a rich Progress, from the first validation or training batch to the end of fit
+        self.task = None
+
+    def disable(self) -> None:
+        self.shown = False
+
+    def enable(self) -> None:
+        self.shown = True
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._show(trainer)
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._show(trainer, f" · validating {batch_idx + 1}/{trainer.num_val_batches[dataloader_idx]}")
+
+    def on_validation_end(self, trainer, module) -> None:
+        self._show(trainer)
+
+    def teardown(self, trainer, module, stage: str) -> None:
+        if stage == "fit":
+            self._stop()
+
+    def on_exception(self, trainer, module, exception) -> None:
+        self._stop()
+
+    def _show(self, trainer, doing: str = "") -> None:
+        if not self.shown:
+            return
+        if self.bar is None:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                                TextColumn("{task.fields[metrics]}"))
+            self.bar.start()
+            self.task = self.bar.add_task("", total=trainer.max_steps, metrics="")
+        metrics = " ".join(f"{k} {float(v):.3f}" for k, v in trainer.progress_bar_metrics.items())
+        self.bar.update(self.task, completed=trainer.global_step, metrics=metrics,
+                        description=f"step {trainer.global_step}/{trainer.max_steps}{doing}")
+
+    def _stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+@contextmanager
+def quiet_lightning():
+    """Lightning's start-up banners (rank-zero info logs) and the deprecation warning its
+    `_pytree` draws from torch, hidden; its other warnings are left as they are."""
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 @dataclass(frozen=True)
@@ -85,7 +162,8 @@ def train(recipe, *, resume: bool = False, progress: bool = True, callbacks=()) 
     writable_dir(out_dir)  # fail before loading any weights, not at the first checkpoint
     # Two runs into one folder would write over each other's metrics and checkpoints. Lightning's
     # other ranks re-run this in processes of their own and share the folder of the first.
-    with exclusive(writable_dir(logs), "tflow train") if _first_process() else nullcontext():
+    holding = exclusive(writable_dir(logs), "tflow train") if _first_process() else nullcontext()
+    with holding, quiet_lightning():
         return _fit(recipe, logs, resume, progress, callbacks)
 
 
@@ -122,6 +200,7 @@ def _fit(recipe, logs: Path, resume: bool, progress: bool, callbacks) -> TrainRe
             SavePart(out_dir),
             ModelCheckpoint(dirpath=logs / LIGHTNING_DIR, save_last=True, save_top_k=0,
                             every_n_train_steps=cfg.val_every),
+            *([StepProgress()] if progress else []),
             *callbacks,
         ],
         plugins=[AtomicCheckpointIO()],

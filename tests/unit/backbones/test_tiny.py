@@ -28,3 +28,14 @@ def test_build_saves_a_folder_that_from_pretrained_loads(tmp_path):
 def test_same_seed_same_weights(tok):
     a, b = tiny.model(tok, seed=7), tiny.model(tok, seed=7)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_a_built_folder_is_marked_random_and_a_saved_model_is_not(tmp_path, tok):
+    from transformers import AutoModelForCausalLM
+
+    built = tiny.build(tmp_path / "built", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
+    assert tiny.is_random(AutoModelForCausalLM.from_pretrained(built))
+    model = tiny.model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
+    assert not tiny.is_random(model)  # the demo pretrains such a model before saving it
+    model.save_pretrained(tmp_path / "saved")
+    assert not tiny.is_random(AutoModelForCausalLM.from_pretrained(tmp_path / "saved"))

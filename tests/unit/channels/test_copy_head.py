@@ -11,9 +11,10 @@ import tflow
 from tflow import Receiver, Sender
 from tflow.agents.encoding import encode
 from tflow.backbones import tiny
+from tflow.channels.weights.diagnostics import ablate, sender_deltas
 from tflow.channels.weights.part import build as build_hypernetwork
 from tflow.config.recipe import load_recipe
-from tflow.errors import CheckpointError, RecipeError
+from tflow.errors import AblationError, CheckpointError, RecipeError
 from tflow.lora.onehot import dense
 from tflow.training import checkpoint
 from tflow.training.loop import train
@@ -173,3 +174,27 @@ def test_a_copy_head_delta_exports_to_peft_with_its_own_rank_and_the_same_logits
             peft = PeftModel.from_pretrained(copy.deepcopy(receiver.model), str(tmp_path / "adapter")).eval()
         served = peft(**ids).logits
     assert (served - patched).abs().max().item() <= 1e-4
+
+
+def test_copy_head_and_trunk_ablations_split_the_delta_into_its_two_parts(team):
+    senders, receiver = team
+    perturb(receiver.generator, seed=3)
+    queries = ["What is the secret code of Lisbon?", "What is the password of Oslo?"]
+    contexts = [{"reader": CONTEXTS[0]}, {"reader": CONTEXTS[1]}]
+    deltas = sender_deltas(senders, receiver, queries, contexts)
+    rows = ablate(deltas, ["copy-head", "trunk"])
+    fused, head = deltas.fused(), receiver.generator.copy.module
+    assert list(rows["copy-head"].factors) == [head]
+    assert set(rows["trunk"].factors) == set(fused.factors) - {head} and len(rows["trunk"].factors) > 0
+    for name, (a, b) in rows["trunk"].factors.items():
+        assert torch.equal(a, fused.factors[name][0]) and torch.equal(b, fused.factors[name][1])
+
+
+def test_copy_head_and_trunk_need_a_copy_head(qwen, tok):
+    senders = [Sender(qwen, tok, "You read.", name="reader")]
+    receiver = Receiver(qwen, tok, "You are the executor.", name="executor")
+    receiver.generator = build_hypernetwork(load_recipe({**recipe_dict(copy_head=False), "senders": [
+        {"name": "reader", "role": "A."}]}), senders, receiver)
+    deltas = sender_deltas(senders, receiver, ["Hi"])
+    with pytest.raises(AblationError, match=r"this generator has no copy head \(generator.copy_head: false\)"):
+        ablate(deltas, ["trunk"])

@@ -230,7 +230,9 @@ def test_guard_refuses_rows_over_the_bound_and_diagnostics_show_them(team, examp
 
 def test_evaluate_adds_ablation_rows_and_diagnostics_independent_of_batch_size(team, examples, tmp_path):
     task = relay.Relay()
-    runs = [evaluate(team, task, examples, ["none", "weights"], batch_size=b, ablations=ABLATIONS) for b in (2, 4)]
+    without_copy_head = [a for a in ABLATIONS if a not in ("copy-head", "trunk")]
+    runs = [evaluate(team, task, examples, ["none", "weights"], batch_size=b, ablations=without_copy_head)
+            for b in (2, 4)]
     rows = ["shuffled", "static", "drop-sender:reader", "drop-sender:scout", "scale:0.5", "scale:2"]
     for result in runs:
         assert list(result.ablations) == ["weights"] and list(result.ablations["weights"]) == rows
@@ -258,13 +260,13 @@ def test_evaluate_adds_ablation_rows_and_diagnostics_independent_of_batch_size(t
 
 def test_bad_ablations_are_one_line_errors_listing_what_is_possible():
     with pytest.raises(AblationError, match=r"^unknown ablation\(s\) 'smoke'; choose from: shuffled, static, "
-                                            r"drop-sender, scale$"):
+                                            r"drop-sender, scale, copy-head, trunk$"):
         parse_ablations("static,smoke", ["weights"], SENDERS)
     with pytest.raises(AblationError, match=r"^drop-sender needs two or more senders, and this team has one "
-                                            r"\(reader\); possible here: shuffled, static, scale$"):
+                                            r"\(reader\); possible here: shuffled, static, scale, copy-head, trunk$"):
         parse_ablations("drop-sender", ["none", "weights"], ["reader"])
-    with pytest.raises(AblationError, match=r"^channel\(s\) none, text have no trained part to ablate; "
-                                            r"ablations run on: weights"):
+    with pytest.raises(AblationError, match=r"^channel\(s\) none, text have no message to ablate; "
+                                            r"ablations run on: weights, kv, latent"):
         parse_ablations("shuffled", ["none", "text"], SENDERS)
     assert parse_ablations(" scale, shuffled,scale ", ["none", "weights"], ["reader"]) == ["scale", "shuffled"]
     assert parse_ablations(None, ["none"], ["reader"]) == []
@@ -275,7 +277,7 @@ def test_bad_ablations_are_one_line_errors_listing_what_is_possible():
      "error: unknown ablation(s) 'smoke'; choose from: shuffled, static, drop-sender, scale"),
     (["--checkpoint", "{tmp}", "--ablations", "drop-sender"],
      "error: drop-sender needs two or more senders, and this team has one (reader); possible here: "),
-    (["--ablations", "static", "--channels", "none,text"], "error: channel(s) none, text have no trained part"),
+    (["--ablations", "static", "--channels", "none,text"], "error: channel(s) none, text have no message to ablate"),
 ])
 def test_eval_cli_ablation_mistakes_exit_2_with_one_line_before_loading(tmp_path, extra, message):
     args = ["eval", "recipes/tiny.yaml", f"model.path={tmp_path}/model", *[e.format(tmp=tmp_path) for e in extra]]

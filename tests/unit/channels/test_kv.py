@@ -13,10 +13,10 @@ from tflow.agents.encoding import token_ids
 from tflow.agents.generation import GenerationSettings, kv_cache_bytes
 from tflow.agents.prefix import prefix_text
 from tflow.backbones.families import ReceiverSpec
-from tflow.channels.kv.lora import KVLoRA
 from tflow.channels.kv.run import aligner, build_trace
 from tflow.channels.registry import Call
 from tflow.errors import ChannelError, QueryError
+from tflow.lora.receiver_lora import ReceiverLoRA
 
 QUERIES = ["What is the secret code of Lisbon?", "Hi", "one two three four five six seven eight nine"]
 
@@ -121,7 +121,7 @@ def test_realignment_is_near_identity_for_tied_embeddings(qwen):
 def test_a_trained_lora_changes_the_answer_and_stays_batch_invariant(team, lively):
     senders, receiver = team
     _, plain = ask(senders, receiver, QUERIES)
-    lora = KVLoRA(ReceiverSpec.from_model(lively, ["q_proj", "v_proj"]), rank=2, alpha=4)
+    lora = ReceiverLoRA(ReceiverSpec.from_model(lively, ["q_proj", "v_proj"]), rank=2, alpha=4)
     assert lora.is_zero()
     receiver.kv_lora = lora
     _, fresh = ask(senders, receiver, QUERIES)

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 import tflow
-from tflow.channels.kv import part as kv_part
+from tflow.channels import receiver_part as kv_part
 from tflow.channels.latent import part as latent_part
 from tflow.cli import app as cli
 from tflow.config.recipe import load_recipe
@@ -56,7 +56,7 @@ def full_team(tiny_checkpoint, tmp_path_factory):
     shutil.copytree(ckpt, folder)
     team = tflow.load(load_recipe("recipes/tiny.yaml", overrides), ckpt)
     perturb(team.receiver.kv_lora, seed=2, std=0.2)
-    kv_part.save(team.receiver.kv_lora, folder, team.recipe, base_model_name(team.receiver.model))
+    kv_part.save(team.receiver.kv_lora, folder, "kv", "kv", team.recipe, base_model_name(team.receiver.model))
     latent_part.save(team.receiver.links, folder, latent_part.fingerprint(team.senders, team.receiver),
                           team.recipe)
     return tflow.load(load_recipe("recipes/tiny.yaml", overrides), folder)
@@ -137,12 +137,12 @@ def test_concurrent_requests_answer_exactly_as_offline_and_share_batches(team):
 
 
 def test_kv_and_latent_parts_are_served_and_answer_as_offline(full_team):
-    assert served_channels(full_team) == ["weights", "kv", "latent", "none", "text"]
+    assert served_channels(full_team) == ["none", "text", "weights", "kv", "latent", "context"]
     team = dict(senders=full_team.senders, receiver=full_team.receiver, recipe=full_team.recipe)
-    assert served_channels(SimpleNamespace(**team, trained=frozenset())) == ["kv", "none", "text"]
+    assert served_channels(SimpleNamespace(**team, trained=frozenset())) == ["none", "text", "kv", "context"]
     apart = [dataclasses.replace(s, model=copy.deepcopy(s.model)) for s in full_team.senders]  # no shared KV cache
     assert served_channels(SimpleNamespace(**{**team, "senders": apart}, trained=frozenset({"weights"}))) == [
-        "weights", "none", "text"]
+        "none", "text", "weights", "context"]
     queries = [LONG, "Hi", "one two three four five six seven eight nine", "What is the code?"]
     with serving(full_team, served_channels(full_team), max_batch=8, max_wait_ms=300) as (url, metrics):
         api = client(url)
@@ -332,7 +332,7 @@ def test_ctrl_c_finishes_the_request_in_flight_then_exits_0(tiny_checkpoint, tea
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = next(line for line in proc.stderr if line.startswith("serving ") or proc.poll() is not None)
-        assert line.startswith("serving tflow-weights, tflow-kv, tflow-none, tflow-text on http://127.0.0.1:"), line
+        assert line.startswith("serving tflow-none, tflow-text, tflow-weights, tflow-kv, tflow-context on http://127.0.0.1:"), line
         url = line.split(" on ")[1].split("/v1")[0]
         stream = client(url).chat.completions.create(
             model="tflow-weights", messages=[{"role": "user", "content": LONG}], max_tokens=100, stream=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tflow
-from tflow.channels.kv import part as kv_part
+from tflow.channels import receiver_part as kv_part
 from tflow.config.recipe import load_recipe
 from tflow.errors import CheckpointError
 from tflow.training.loop import train
@@ -78,7 +78,7 @@ def test_a_part_of_another_channel_or_receiver_is_refused(trained, tmp_path):
     tmp, results = trained
     lora = results["kv"].team.receiver.kv_lora
     with pytest.raises(CheckpointError, match="holds the latent channel's part, not the kv channel's"):
-        kv_part.load(lora, tmp / "out" / "latent.safetensors")
+        kv_part.load(lora, tmp / "out" / "latent.safetensors", "kv")
     other = recipe(tmp_path, "model.tiny.hidden_size=32", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1")
     with pytest.raises(CheckpointError, match="kv/adapter_model.safetensors was trained for another receiver"):
         tflow.load(other, checkpoint=tmp / "out")

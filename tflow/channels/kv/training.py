@@ -11,12 +11,11 @@ from torch import Tensor
 
 from tflow.agents.encoding import pad_batch
 from tflow.agents.generation import GenerationSettings
+from tflow.channels import registry
 from tflow.channels.dispatch import sender_names
-from tflow.channels.kv import part
 from tflow.channels.kv.run import build_trace
 from tflow.channels.registry import Call
 from tflow.lora.patching import patched
-from tflow.lora.peft_format import base_model_name
 from tflow.training.data import teacher_forced_ids
 from tflow.training.modules import ExampleModule, answer_loss
 
@@ -29,7 +28,7 @@ class KVModule(ExampleModule):
         self.lora = team.receiver.kv_lora
 
     def save_part(self, out_dir: Path) -> Path:
-        return part.save(self.lora, out_dir, self.team.recipe, base_model_name(self.team.receiver.model))
+        return registry.get("kv").part.save(self.lora, out_dir, self.team)
 
     def loss(self, examples) -> Tensor:
         team, kv = self.team, self.team.recipe.kv

@@ -43,6 +43,6 @@ CHANNEL = register(Channel(
         describe=lambda recipe: f"{recipe.generator.kind} generator"),
     message_keyword="delta",
     ablations=Ablations(ABLATIONS, diagnostics.collect, diagnostics.ablate, diagnostics.delta_rows,
-                        diagnostics.summarize),
+                        diagnostics.summarize, diagnostics.check),
     summary="a generator turns sender states into a per-query LoRA delta for the receiver (TFlow)",
 ))

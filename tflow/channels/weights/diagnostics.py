@@ -5,7 +5,8 @@ information: a generator can learn one static delta that helps every query. Two 
 
 - Ablations answer every query with an edited delta (`ablate`): `shuffled` (another query's,
   a fixed derangement of the evaluated set), `static` (the exact mean over the evaluated set),
-  `drop-sender` (one row per sender, that sender's share removed) and `scale` (x0.5 and x2).
+  `drop-sender` (one row per sender, that sender's share removed), `scale` (x0.5 and x2), and,
+  with a copy head, `copy-head` (its part alone) and `trunk` (everything but it).
 - Diagnostics describe the deltas themselves (`summarize`): the mean norm per layer and module
   kind, every query's norm beside the guard's `max_delta_norm`, and the cosine similarity
   between different queries' deltas (near 1: the generator ignores the query).
@@ -29,14 +30,17 @@ from tflow.backbones.families import ReceiverSpec
 from tflow.channels.dispatch import sender_names
 from tflow.channels.weights.fusion import Delta, fuse
 from tflow.channels.weights.run import guard_delta
-from tflow.errors import ChannelError
+from tflow.errors import AblationError, ChannelError
 from tflow.evaluation.ablations import check_ablations, derangement
 from tflow.lora.basis import BasisDelta
+from tflow.lora.delta import LoRADelta
 from tflow.lora.onehot import flat_columns_gram
 
 SCALES = (0.5, 2.0)
 COSINE_QUERIES = 256  # the cosine matrix is over the first this many applied deltas
 HISTOGRAM_BINS = 40
+NO_COPY_HEAD = ("copy-head and trunk split a delta into its copy head and the rest; this generator has no copy "
+                "head (generator.copy_head: false)")
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ class SenderDeltas:
     senders: tuple[str, ...]
     shares: tuple[Delta, ...]
     refused: Tensor
+    copy_module: str | None = None
+    """The module the generator's copy head writes (the receiver's LM head), or None without one."""
 
     @property
     def num_queries(self) -> int:
@@ -97,7 +103,8 @@ def sender_deltas(senders: Sequence[Sender], receiver: Receiver, queries: Sequen
         for kept, share in zip(parts, shares, strict=True):
             kept.append(share.detach().to("cpu"))
     shares = tuple(type(kept[0]).stack_rows(kept) for kept in parts)
-    return SenderDeltas(tuple(names), shares, torch.tensor(refused, dtype=torch.bool))
+    copy = generator.copy.module if generator.copy is not None else None
+    return SenderDeltas(tuple(names), shares, torch.tensor(refused, dtype=torch.bool), copy)
 
 
 def ablate(deltas: SenderDeltas, names: Sequence[str], *, seed: int = 0) -> dict[str, Delta]:
@@ -123,7 +130,26 @@ def ablate(deltas: SenderDeltas, names: Sequence[str], *, seed: int = 0) -> dict
                 rows[f"drop-sender:{sender}"] = fuse(applied[:s] + applied[s + 1:])
         elif name == "scale":
             rows.update({f"scale:{k:g}": fused.scaled(k) for k in SCALES})
+        elif name in ("copy-head", "trunk"):
+            rows[name] = _modules(fused, deltas.copy_module, keep=name == "copy-head")
     return rows
+
+
+def _modules(delta: Delta, module: str | None, keep: bool) -> Delta:
+    """`delta` with only `module`'s part (`keep`), or with every part but it.
+
+    Raises:
+        AblationError: no copy head, so there is no such part to keep or remove.
+    """
+    if module is None:
+        raise AblationError(NO_COPY_HEAD)
+    return LoRADelta({name: ab for name, ab in delta.factors.items() if (name == module) == keep}, delta.scale)
+
+
+def check(team, names) -> None:
+    """Raises AblationError before anything runs: copy-head or trunk without a copy head."""
+    if {"copy-head", "trunk"} & set(names) and getattr(team.receiver.generator, "copy", None) is None:
+        raise AblationError(NO_COPY_HEAD)
 
 
 def norms_by_layer_and_kind(delta: Delta, spec: ReceiverSpec) -> dict:

@@ -1,7 +1,9 @@
-"""The kv channel's trainable part: one LoRA on the receiver, in peft's layout and initialisation.
+"""One trainable LoRA on the receiver, in peft's layout and initialisation: the kv channel's part,
+and the trained controls' (none, text, context).
 
 A: [rank, in] Kaiming-uniform, B: [out, rank] zero, scale alpha / rank, as peft's LoraLayer: a
-fresh adapter is an exact no-op, so an untrained kv channel is LatentMAS. It is applied through
+fresh adapter is an exact no-op, so an untrained kv channel is LatentMAS and an untrained control
+is the plain receiver. It is applied through
 tflow's per-row hooks (`tflow.lora.patching`), which leave the shared backbone untouched for the other
 channels and the senders, and saved as a peft adapter folder (peft's output equals the hooks').
 """
@@ -17,7 +19,7 @@ from tflow.backbones.families import ReceiverSpec
 from tflow.lora.delta import LoRADelta
 
 
-class KVLoRA(nn.Module):
+class ReceiverLoRA(nn.Module):
     """One LoRA over `spec`'s modules. a[i]: [rank, in_i], b[i]: [out_i, rank]."""
 
     def __init__(self, spec: ReceiverSpec, rank: int, alpha: float, seed: int = 0):
