@@ -110,11 +110,10 @@ def eval_(
 
     parse_ablations(ablations, names, [s.name for s in loaded.senders])
     from tflow.training.checkpoint import require_parts
-
-    require_parts(names, checkpoint)  # before any weights load
     from tflow.training.data import check_eval_split
 
     trained_split = check_eval_split(checkpoint, name, split, on_training_split)
+    require_parts(names, checkpoint)  # before any weights load
     out = writable_dir(out)
     trainer = None
     if strategy is not None or devices is not None or num_nodes != 1:

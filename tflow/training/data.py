@@ -45,7 +45,8 @@ def load_splits(recipe) -> Splits:
         random.Random(recipe.seed).shuffle(train)
         cut = max(1, round(len(train) * data.val_fraction))
         if cut >= len(train):
-            raise DataError(f"data: {len(train)} examples are too few to hold out a validation split")
+            raise DataError(f"data: {len(train)} examples are too few to hold out a validation split; set "
+                            "data.val_split to a split of its own, or lower data.val_fraction")
         train, val = train[cut:], train[:cut]
     contexts = data.fields.context
     return Splits(_with_contexts(train[: data.limit], contexts), _with_contexts(val[: data.limit], contexts), task)
