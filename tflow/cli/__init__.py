@@ -7,7 +7,10 @@ key=value alike. Commands import what they need (torch, transformers, lightning)
 so `tflow --help` stays instant.
 """
 
-from tflow.cli import answers, programs, recipes  # noqa: F401  (their @command calls register the commands)
+# isort: off
+# Imported in this order so their @command calls register the commands in the order --help lists.
+from tflow.cli import recipes, answers, programs  # noqa: F401
+# isort: on
 from tflow.cli.common import USAGE_ERROR, app, error_message, reports_errors
 
 __all__ = ["USAGE_ERROR", "app", "error_message", "reports_errors"]
