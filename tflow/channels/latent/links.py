@@ -25,7 +25,8 @@ class InnerLink(nn.Module):
             nn.Linear(hidden, dim), nn.LayerNorm(dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm_out(x + self.down(F.gelu(self.up(self.norm_in(x)))))
+        h = x.to(self.up.weight.dtype)  # the link keeps its own dtype (float32) beside a bf16 backbone
+        return self.norm_out(h + self.down(F.gelu(self.up(self.norm_in(h))))).to(x.dtype)
 
 
 class OuterLink(nn.Module):
@@ -48,7 +49,8 @@ class OuterLink(nn.Module):
                 self.down.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm_out(self.down(F.gelu(self.up(self.norm_in(x)))) + self.residual(x))
+        h = x.to(self.up.weight.dtype)  # the link keeps its own dtype (float32) beside a bf16 backbone
+        return self.norm_out(self.down(F.gelu(self.up(self.norm_in(h)))) + self.residual(h)).to(x.dtype)
 
 
 class Links(nn.Module):
