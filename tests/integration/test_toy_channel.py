@@ -137,7 +137,6 @@ TOY = Channel(
     message_keyword="message",
     ablations=Ablations(("shuffled", "static"), lambda s, r, queries, *args, **kw: torch.linspace(0.5, 1.5, len(queries)),
                         ablate, lambda messages, rows: messages[rows]),
-    summary="a learned per-query-scaled LoRA (a test's channel)",
 )
 
 

@@ -51,5 +51,4 @@ def context_use(team, query: str, contexts, max_tokens: int, options) -> list:
     return [(receiver, prompt_length(receiver, receiver.prompt(turn)), max_tokens)]
 
 
-CHANNEL = register(Channel("context", run, context_use, part=control_part("context", receiver_turns),
-                           summary="the receiver reads every sender's document itself"))
+CHANNEL = register(Channel("context", run, context_use, part=control_part("context", receiver_turns)))

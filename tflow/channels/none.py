@@ -31,5 +31,4 @@ def context_use(team, query: str, contexts, max_tokens: int, options) -> list:
 
 
 CHANNEL = register(Channel("none", run, context_use, needs_senders=False,
-                           part=control_part("none", lambda team, queries, contexts: list(queries)),
-                           summary="the receiver answers alone (the single-agent baseline)"))
+                           part=control_part("none", lambda team, queries, contexts: list(queries))))

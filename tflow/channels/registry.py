@@ -135,8 +135,6 @@ class Channel:
     message_keyword: str | None = None
     """The `communicate` keyword that replays a message made earlier (`delta`, `message`)."""
     ablations: Ablations | None = None
-    summary: str = ""
-    """One line for help texts: what the channel is."""
 
     def __post_init__(self):
         missing = [f.name for f in fields(self) if f.name in ("name", "run", "context_use")

@@ -83,5 +83,4 @@ def context_use(team, query: str, contexts, max_tokens: int, options) -> list:
 
 
 CHANNEL = register(Channel("text", run, context_use, options=TextOptions, part=control_part("text", receiver_turns),
-                           settings=lambda recipe: {"message_tokens": recipe.generate.message_tokens},
-                           summary="senders write messages in turn, the receiver reads them all (TextMAS)"))
+                           settings=lambda recipe: {"message_tokens": recipe.generate.message_tokens}))

@@ -5,13 +5,16 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
+import yaml
 from torch import Tensor
 
 from tflow.agents.encoding import pad_batch, token_ids
 from tflow.config.sections import RelaySection
 from tflow.errors import DataError
 from tflow.tasks import Example, Task, get, relay
+from tflow.training.checkpoint import RECIPE_FILE
 
 
 @dataclass(frozen=True)
@@ -130,17 +133,11 @@ def training_splits(checkpoint, task: str) -> set[str]:
     """The splits of `task` the checkpoint's training read: the one it trained on and the one it
     validated on (its own split too when validation held out a fraction of it). Relay's test split
     is never among them. Empty without a checkpoint recipe.yaml or for another task."""
-    from pathlib import Path
-
-    from tflow.training.checkpoint import RECIPE_FILE
-
     if checkpoint is None:
         return set()
     folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
     if not (folder / RECIPE_FILE).is_file():
         return set()
-    import yaml
-
     data = (yaml.safe_load((folder / RECIPE_FILE).read_text()) or {}).get("data") or {}
     if data.get("task") != task:
         return set()

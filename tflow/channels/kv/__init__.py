@@ -38,5 +38,4 @@ CHANNEL = register(Channel(
                             untrained_label="kv (LatentMAS)", checkpointing=False),
     message_keyword="message",
     ablations=Ablations(("shuffled", "static", "drop-sender"), ablations.kv_messages, ablations.ablate_kv, rows_of),
-    summary="senders build one KV trace the receiver decodes on (DiffMAS; LatentMAS untrained)",
 ))

@@ -45,5 +45,4 @@ CHANNEL = register(Channel(
     message_keyword="message",
     ablations=Ablations(("shuffled", "static", "drop-sender"), ablations.latent_messages, ablations.ablate_latent,
                         rows_of),
-    summary="senders' latent thoughts pass through trained links into the receiver's prompt (RecursiveMAS)",
 ))

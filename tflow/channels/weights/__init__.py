@@ -44,5 +44,4 @@ CHANNEL = register(Channel(
     message_keyword="delta",
     ablations=Ablations(ABLATIONS, diagnostics.collect, diagnostics.ablate, diagnostics.delta_rows,
                         diagnostics.summarize, diagnostics.check),
-    summary="a generator turns sender states into a per-query LoRA delta for the receiver (TFlow)",
 ))
