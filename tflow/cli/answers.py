@@ -60,10 +60,11 @@ def eval_(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
     checkpoint: Annotated[Path | None, typer.Option(
-        help="Trained folder (a train.out_dir) with the parts of weights, kv or latent; weights and latent "
-             "need one, kv runs untrained (LatentMAS) without.")] = None,
+        help="Trained folder (a train.out_dir) with the parts of weights, kv, latent or the none, text and "
+             "context controls; weights and latent need one, kv runs untrained (LatentMAS) without.")] = None,
     channels: Annotated[str, typer.Option(
-        help="Comma-separated channels to compare: none, text, weights, kv, latent.")] = "none,text,weights",
+        help="Comma-separated channels to compare: none, text, context, weights, kv, latent, "
+             "or any other registered channel.")] = "none,text,weights",
     task: Annotated[str | None, typer.Option(help="Task to evaluate \\[default: the recipe's data.task].")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N examples.")] = None,
     out: Annotated[Path, typer.Option(help="Folder for report.json, report.md, report.png, predictions.jsonl.")]
@@ -71,7 +72,8 @@ def eval_(
     split: Annotated[str, typer.Option(help="Dataset split (relay always uses its held-out test split).")] = "test",
     batch_size: Annotated[int, typer.Option(min=1, help="Queries per batched call.")] = 8,
     ablations: Annotated[str | None, typer.Option(
-        help="Comma-separated ablations: shuffled, static, drop-sender (weights, kv, latent), scale (weights).")] = None,
+        help="Comma-separated ablations: shuffled, static, drop-sender (weights, kv, latent); "
+             "scale, copy-head, trunk (weights).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     strategy: Annotated[str | None, typer.Option(
         help="Shard the queries over processes on Lightning with this strategy: ddp (or auto) "
