@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow demo lint bench clean
+.PHONY: install test test-slow demo lint bench gpu-check clean
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ lint: install
 
 bench: install
 	$(BIN)/tflow bench --quick
+
+# On a CUDA machine, offline, at most 8 minutes: gpu tests, bench, 50 training steps, serve load (docs/performance.md).
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py --device cuda --shape qwen3-4b --out runs/gpu-check.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -32,11 +32,11 @@ QUERIES = ["What is the secret code of Lisbon?", "one two three four five six se
 def checkpoint(recipe: str, overrides: list[str], folder: Path) -> Path:
     """A generator checkpoint for the recipe's receiver (fresh weights: timing does not depend on them)."""
     import tflow
+    from tflow.channels.weights import part
     from tflow.config.recipe import load_recipe
-    from tflow.training import checkpoint as ckpt
 
-    team = tflow.load(load_recipe(recipe, overrides))
-    ckpt.save(team.receiver.generator, folder / "ckpt")
+    loaded = load_recipe(recipe, overrides)
+    part.save(tflow.load(loaded).receiver.generator, folder / "ckpt", loaded)
     return folder / "ckpt"
 
 

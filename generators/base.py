@@ -114,6 +114,13 @@ class Generator(nn.Module):
     default_rank: ClassVar[int] = 4
     copy_head: ClassVar[bool] = True
     """Whether the weights channel's copy head can sit beside this kind's deltas."""
+    reads_layers: ClassVar[bool] = False
+    """Whether `forward` reads the sender states entering each patched layer, `cond: [N, layers,
+    T, H]`, instead of the states aggregated over layers, `cond: [N, T, H]`."""
+    default_targets: ClassVar[tuple[str, ...] | None] = None
+    """The module kinds it patches when the recipe names none (None: every linear kind of the family)."""
+    default_head_scale: ClassVar[float | None] = None
+    """`head_scale` when the recipe gives none (None: 1 / d_model)."""
     kind: ClassVar[str]
 
     def __init__(self, spec: ReceiverSpec, config: Mapping[str, Any], sender_hidden_size: int):
@@ -137,7 +144,8 @@ class Generator(nn.Module):
     @classmethod
     def resolve(cls, config: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults filled in (a `None` value means the default), validated against `Settings`,
-        JSON-serialisable. `rank` None resolves to `default_rank`, `head_scale` None to 1 / d_model.
+        JSON-serialisable. `rank` None resolves to `default_rank`, `head_scale` None to
+        `default_head_scale` (or 1 / d_model).
 
         Raises:
             RecipeError: every unknown key or invalid value, as `generator.key: message`, all at once.
@@ -155,9 +163,10 @@ class Generator(nn.Module):
         cfg = {"kind": cls.kind, **settings.model_dump()}
         cfg["rank"] = cfg["rank"] or cls.default_rank
         cfg["alpha"], cfg["dropout"] = float(cfg["alpha"]), float(cfg["dropout"])
-        cfg["head_scale"] = float(cfg["head_scale"] or 1.0 / cfg["d_model"])
+        cfg["head_scale"] = float(cfg["head_scale"] or cls.default_head_scale or 1.0 / cfg["d_model"])
         return cfg
 
     def forward(self, cond: Tensor, mask: Tensor) -> Factors:
-        """cond: [N, T, H] (padding zero), mask: [N, T] bool -> {name: (A [N, r, in], B [N, out, r])}."""
+        """cond: [N, T, H] (padding zero; [N, layers, T, H] with `reads_layers`), mask: [N, T] bool
+        -> {name: (A [N, r, in], B [N, out, r])}."""
         raise NotImplementedError

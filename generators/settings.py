@@ -27,8 +27,9 @@ class GeneratorSettings(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout inside the generator during training."""
     head_scale: float | None = Field(None, gt=0)
-    """Multiplier on the B heads' output; null: 1 / d_model, which keeps each optimizer step's
-    change of the delta near lr whatever d_model (with 1, training diverges on deep receivers)."""
+    """Multiplier on the B heads' output; null: the kind's default, 1 / d_model, which keeps each
+    optimizer step's change of the delta near lr whatever d_model (with 1, training diverges on
+    deep receivers); for `perceiver` 1, since its per-rank B scalars (starting at 0) set B's size."""
 
     @model_validator(mode="after")
     def _heads_divide_d_model(self):

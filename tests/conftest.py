@@ -14,6 +14,12 @@ from tflow.channels.weights import part as weights_part
 
 torch.set_num_threads(2)
 
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+               not torch.cuda.is_available(), reason="needs a CUDA device")])]
+"""The devices end-to-end tests run on: the CPU always, CUDA marked `gpu` (off by default; `pytest -m
+gpu` runs it, skipped where CUDA is absent)."""
+
 
 @pytest.fixture(scope="session")
 def tok():
@@ -85,7 +91,8 @@ def merged_copy(model, delta, row):
     delta = delta.lora()
     with torch.no_grad():
         for name, (a, b) in delta.factors.items():
-            modules[name].weight += delta.scale * b[row] @ a[row]
+            weight = modules[name].weight
+            weight += (delta.scale * b[row] @ a[row]).to(weight.device)
     return clone
 
 

@@ -64,7 +64,8 @@ class ServeError(TflowError, ValueError):
 
 
 class DeviceError(TflowError, ValueError):
-    """Processes that cannot run as asked: an unknown strategy, more devices than exist, no node."""
+    """Devices and processes that cannot run as asked: a device this machine lacks, a dtype or
+    precision it cannot compute in, an unknown strategy, more devices than exist, no node."""
 
 
 class AggregateError(TflowError, ValueError):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tflow.agents.agent import Receiver, Sender
+from tflow.backbones.devices import agents_device
 from tflow.backbones.loading import load_backbone
 from tflow.channels import communicate, registry
 from tflow.reply import Reply
@@ -56,13 +57,15 @@ def load(recipe: str | Path | Mapping, checkpoint: str | Path | None = None, ove
     own conditioning.
 
     Raises:
-        RecipeError, ModelLoadError, TargetError, CheckpointError.
+        RecipeError, ModelLoadError, TargetError, CheckpointError, DeviceError (a device missing
+        here, a dtype it cannot compute in, or agents on different devices).
     """
     from tflow.config.recipe import Recipe, load_recipe
     from tflow.training import checkpoint as ckpt
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     parts = ckpt.trained_parts(checkpoint) if checkpoint is not None else {}  # fail before loading weights
+    agents_device(recipe)
     cache: dict[str, tuple] = {}
 
     def backbone(section, where: str, agent: str):

@@ -15,15 +15,14 @@ from tflow.errors import ModelLoadError
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str, device=None) -> tuple[Tensor, Tensor]:
-    """Pad token lists to one length; returns ids [N, T] and a bool mask [N, T] (True = token)."""
+    """Pad token lists to one length on `device`; returns ids [N, T] and a bool mask [N, T] (True = token)."""
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, seq in enumerate(seqs):
-        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        ids[i, span] = torch.tensor(seq, dtype=torch.long)
-        mask[i, span] = True
-    return ids.to(device), mask.to(device)
+    pads = [[pad_id] * (width - len(s)) for s in seqs]
+    rows = [p + list(s) if side == "left" else list(s) + p for s, p in zip(seqs, pads, strict=True)]
+    ids = torch.tensor(rows, dtype=torch.long, device=device)  # one copy to the device, not one per row
+    lengths = torch.tensor([len(s) for s in seqs], device=device)[:, None]
+    columns = torch.arange(width, device=device)
+    return ids, columns >= width - lengths if side == "left" else columns < lengths
 
 
 def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -120,7 +119,7 @@ def encode(senders: Sequence[Sender], queries: Sequence[str],
         hiddens.append(hidden)
         masks.append(mask)
         ids.append(padded)
-        cached.append(torch.tensor(keep))
+        cached.append(torch.tensor(keep, device="cpu"))  # cpu: a count for the ledger, beside `tokens`
     tokens = [m.sum(-1).cpu() for m in masks]
     return SenderStates(tuple(hiddens), tuple(masks), tuple(groups), _sender_major(tokens, groups, len(queries)),
                         len(senders), len(queries), tuple(ids), _sender_major(cached, groups, len(queries)))

@@ -51,7 +51,7 @@ class Trace:
         """A trace holding `rows` (as `rows_kv` gives them), each left-padded to the longest."""
         trace = cls(model, len(rows))
         width = max(row[0][0].shape[1] for row in rows)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device="cpu")  # cpu: filled beside the host rows, moved with them
         layers = []
         for layer in range(len(rows[0])):
             keys = rows[0][layer][0].new_zeros(len(rows), rows[0][layer][0].shape[0], width, rows[0][layer][0].shape[2])

@@ -6,26 +6,10 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
+from tflow.backbones import devices
 from tflow.backbones import gguf as gguf_models
 from tflow.config.base import looks_local
 from tflow.errors import ModelLoadError, first_line
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ModelLoadError(f"model.device: unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"model.device is {name!r} but no CUDA device is available; use auto or cpu")
-    return device
 
 
 def load_backbone(section, where: str = "model", agent: str | None = None):
@@ -36,6 +20,8 @@ def load_backbone(section, where: str = "model", agent: str | None = None):
     `where` (`senders.0.model`) and, when given, the `agent` that runs it.
 
     Raises:
+        DeviceError: `section.device` does not exist here, or cannot compute in `section.dtype`
+            (checked before anything is built or loaded).
         ModelLoadError: the path is neither a loadable folder, a readable GGUF file nor a cached
             hub id, the tokenizer has no chat template, or `section.tiny` would build its random
             model at a path shaped like a hub id (`Qwen/Qwen3-0.6B`).
@@ -44,6 +30,9 @@ def load_backbone(section, where: str = "model", agent: str | None = None):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    device = devices.resolve(section.device, f"{where}.device")
+    devices.check_dtype(devices.DTYPES[section.dtype], device, f"{where}.dtype {section.dtype!r}",
+                        f"set {where}.dtype: float32")
     path = section.path
     if gguf_models.is_gguf(path):
         path = str(gguf_models.cached_folder(path, section.cache_dir))
@@ -60,7 +49,7 @@ def load_backbone(section, where: str = "model", agent: str | None = None):
         tiny.build(path, vocab_size=options.pop("vocab_size"), seed=options.pop("seed"), **options)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[section.dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=devices.DTYPES[section.dtype])
     except (OSError, ValueError) as err:
         raise ModelLoadError(
             f"{where}.path: cannot load {path!r}{_of(agent)} ({first_line(err)}); give a local folder with config.json and "
@@ -72,7 +61,7 @@ def load_backbone(section, where: str = "model", agent: str | None = None):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False).eval()
-    return model.to(resolve_device(section.device)), tokenizer
+    return model.to(device), tokenizer
 
 
 def looks_like_hub_id(path: str) -> bool:

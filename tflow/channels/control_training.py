@@ -1,5 +1,6 @@
-"""Training a control channel's receiver LoRA: cross-entropy on the answer, the receiver reading
-the turn its channel gives it (no message, the senders' text messages, or their documents)."""
+"""Training a control channel's receiver LoRA: the run's objective on the answer (`train.objective`),
+the receiver reading the turn its channel gives it (no message, the senders' text messages, or
+their documents)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def control_module(channel: str, turns: Turns) -> type[ExampleModule]:
             ids, mask, labels = teacher_forced(receiver.tokenizer, prompts, targets, self.team.recipe.train.max_length,
                                                self.device)
             with patched(receiver.model, self.lora.delta(), validate=False):
-                return receiver.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                return self.answer_loss(receiver.model(input_ids=ids, attention_mask=mask).logits, labels, examples)
 
     ControlModule.__name__ = ControlModule.__qualname__ = f"{channel.capitalize()}ControlModule"
     return ControlModule

@@ -27,7 +27,7 @@ def control_part(channel: str, turns: Turns) -> TrainedPart:
 
         return control_module(channel, turns)
 
-    return receiver_lora_part(channel, module, trained_label=f"{channel} trained", compare_untrained=True)
+    return receiver_lora_part(channel, module, trained_label=f"{channel} trained", compare_untrained=True, turns=turns)
 
 
 @contextmanager

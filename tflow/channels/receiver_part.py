@@ -52,7 +52,8 @@ def load(lora: ReceiverLoRA, path: str | Path, channel: str) -> None:
 def receiver_lora_part(channel: str, module: Callable[[], type], *, folder: str | None = None,
                        kind: str | None = None, attribute: str | None = None, noun: str | None = None,
                        untrained_label: str | None = None, trained_label: str | None = None,
-                       checkpointing: bool = True, compare_untrained: bool = False) -> TrainedPart:
+                       checkpointing: bool = True, compare_untrained: bool = False,
+                       turns: Callable | None = None) -> TrainedPart:
     """The TrainedPart of a channel whose part is a receiver LoRA: optional (an untrained one is the
     plain receiver), saved in `out_dir/<folder>/` (default: the channel's name)."""
     folder, kind = folder or channel, kind or f"{channel}-lora"
@@ -63,4 +64,4 @@ def receiver_lora_part(channel: str, module: Callable[[], type], *, folder: str 
         load=lambda lora, path, team: load(lora, path, channel),
         module=module, attribute=attribute, optional=True, is_zero=lambda lora: lora.is_zero(),
         untrained_label=untrained_label, trained_label=trained_label, checkpointing=checkpointing,
-        compare_untrained=compare_untrained)
+        compare_untrained=compare_untrained, turns=turns)

@@ -90,6 +90,10 @@ class TrainedPart:
     """Whether train.gradient_checkpointing may be on (reading a KV trace forbids it)."""
     describe: Callable[[Any], str] | None = None
     """Its name in `tflow train`'s first line, from the recipe (default: `noun`)."""
+    turns: Callable[[Any, list[str], list[dict[str, str]]], list[str]] | None = None
+    """A control's receiver turns: (team, queries, per-query {sender: document}) -> the user turns
+    its receiver reads; what the control trains on, and what a distillation teacher
+    (`train.teacher`) of that channel reads."""
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,8 @@ def bench(
     json_file: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")]
     = None,
     force: Annotated[bool, typer.Option("--force", help="Run a GPU-sized shape on CPU anyway.")] = False,
+    device: Annotated[str | None, typer.Option(
+        help="Device to measure a --shape on: cpu, cuda or cuda:N \\[default: the first GPU, else the CPU].")] = None,
     message_tokens: Annotated[int | None, typer.Option(
         min=1, help="Tokens per text-channel message \\[default: 256, 128 with --quick].")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch \\[default: torch's choice].")] = None,
@@ -85,7 +87,11 @@ def bench(
         from tflow.config.recipe import load_recipe
 
         loaded = load_recipe(recipe)
-    result = run_bench(shape, quick, force=force, message_tokens=message_tokens, recipe=loaded)
+    if device is not None:
+        from tflow.backbones.devices import resolve
+
+        device = str(resolve(device, "--device"))
+    result = run_bench(shape, quick, device=device, force=force, message_tokens=message_tokens, recipe=loaded)
     Console().print(table(result))
     typer.echo(f"patch_overhead {result['patch_overhead']:.3f} · weights_vs_none {result['weights_vs_none']:.3f}"
                f" · text_vs_weights {result['text_vs_weights']:.2f} · patch_overhead_basis "

@@ -63,9 +63,11 @@ class ModelSection(Section):
     """Hub id (`Qwen/Qwen3-4B`), local folder with weights and tokenizer (`./models/qwen`), a
     `.gguf` file, or `package:NAME/FILE.gguf` for a GGUF file inside an installed Python package."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype the frozen weights are loaded in."""
+    """Dtype the frozen weights are loaded in; refused on a device that cannot compute in it."""
     device: str = "auto"
-    """`auto` (first GPU if any, else CPU), `cpu`, `cuda`, `cuda:N` or `mps`."""
+    """`auto` (first GPU if any, else CPU), `cpu`, `cuda`, `cuda:N` or `mps`. Senders and receiver
+    run on one device. Checked against the machine when the weights load (`tflow validate` does not,
+    so a recipe can be checked on another machine than the one that runs it)."""
     tiny: TinySection | None = None
     """If set and `path` does not exist locally, tflow builds a tiny model there on first use."""
     cache_dir: str = "runs/models/gguf"
@@ -234,13 +236,14 @@ class TrainSection(Section):
     grad_clip: float | None = Field(1.0, gt=0)
     """Clip the gradient norm to this; null disables clipping."""
     precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
-    """Lightning precision of the generator's computation."""
+    """Lightning precision of the trained part's computation: `32`, `bf16-mixed` (autocast to
+    bfloat16, on GPUs with bfloat16 and on CPUs) or `16-mixed`."""
     gradient_checkpointing: bool = False
     """Recompute backbone activations in backward to save memory."""
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
-    """Lightning distributed strategy."""
+    """Lightning distributed strategy (`fsdp` needs CUDA)."""
     accelerator: str = "auto"
-    """Lightning accelerator: `auto`, `cpu`, `gpu`, `cuda` or `mps`."""
+    """Lightning accelerator: `auto` (where the agents run, `model.device`), `cpu`, `gpu`, `cuda` or `mps`."""
     devices: int | Literal["auto"] = "auto"
     """Devices per node: a positive count or `auto`."""
     num_nodes: int = Field(1, ge=1)
@@ -259,6 +262,27 @@ class TrainSection(Section):
     """Data loader worker processes."""
     max_length: int = Field(512, gt=0)
     """Truncate prompt plus answer to this many tokens."""
+    objective: Literal["ce", "distill", "ce+distill"] = "ce"
+    """What the answer tokens are trained on, for every channel: `ce` cross-entropy on the answer
+    target; `distill` the KL divergence from the teacher's distribution at each answer token
+    (its top `distill_top_k` tokens and one bucket for the rest), averaged per example;
+    `ce+distill` their sum, distill weighted by `distill_weight`. The teacher scores every
+    training and validation answer once before training (cached in `teacher_cache`)."""
+    teacher: str = "context"
+    """The distillation teacher: the receiver reading what this control channel gives it,
+    `context` (every sender's document in its own prompt) or `text` (the senders' text messages)."""
+    teacher_checkpoint: str | None = None
+    """A train.out_dir holding the teacher channel's trained control (`tflow train RECIPE
+    train.channel=context`), whose receiver LoRA the teacher reads with; null: the untrained
+    receiver. A folder that does not exist, or lacks that part, is an error."""
+    teacher_cache: str = "runs/cache/teacher"
+    """Folder of the teacher's cached top-k log-probs, one file per split named and checked by a
+    key over everything that determines them, so runs that share a teacher share its scores, and
+    a file of another teacher, model, recipe, task or split is rebuilt, never used."""
+    distill_top_k: int = Field(16, gt=0)
+    """Teacher tokens kept per answer token."""
+    distill_weight: float = Field(1.0, gt=0)
+    """Weight of the distillation term in `ce+distill`."""
 
     @field_validator("channel")
     @classmethod
@@ -271,10 +295,21 @@ class TrainSection(Section):
                              f"{suggest(channel, known)}")
         return channel
 
-    @field_validator("out_dir")
+    @field_validator("teacher")
     @classmethod
-    def _expand_home(cls, out_dir: str) -> str:
-        return home(out_dir)
+    def _teacher_channel(cls, teacher: str) -> str:
+        from tflow.channels import registry
+
+        known = [c.name for c in registry.channels() if c.part is not None and c.part.turns is not None]
+        if teacher not in known:
+            raise ValueError(f"must be a control channel, one of {', '.join(known)}, got {show(teacher)}"
+                             f"{suggest(teacher, known)}")
+        return teacher
+
+    @field_validator("out_dir", "teacher_checkpoint", "teacher_cache")
+    @classmethod
+    def _expand_home(cls, path: str | None) -> str | None:
+        return path and home(path)
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -74,16 +74,15 @@ def measure_decode(model: nn.Module, plain: nn.Module, vocab: int, *, batch: int
     as it runs by default (eager, dynamic cache), so the compiled figures can be read against it;
     `compile_s` is each variant's first call, which compiles its graph.
     """
-    device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(0)
+    first = next(model.parameters())
+    g = torch.Generator().manual_seed(0)  # drawn on the host, so every device measures the same numbers
     modules = ReceiverSpec.from_model(model).modules
-    delta = LoRADelta({m.name: (torch.randn(batch, rank, m.in_features, generator=g) * 0.02,
-                                torch.randn(batch, m.out_features, rank, generator=g) * 0.02)
-                       for m in modules}, scale=2.0).to(device)
-    basis = BasisDelta({m.name: (torch.randn(k, m.in_features, generator=g) * 0.02,
-                                 torch.randn(m.out_features, k, generator=g) * 0.02) for m in modules},
-                       {m.name: torch.randn(batch, k, k, generator=g) for m in modules}, scale=2.0).to(device)
-    ids = torch.randint(3, vocab, (batch, prompt_tokens), generator=g).to(device)
+    host = functools.partial(torch.randn, generator=g, device="cpu")  # cpu: the seeded host generator's draws
+    delta = LoRADelta({m.name: (host(batch, rank, m.in_features) * 0.02, host(batch, m.out_features, rank) * 0.02)
+                       for m in modules}, scale=2.0).to(first.device)
+    basis = BasisDelta({m.name: (host(k, m.in_features) * 0.02, host(m.out_features, k) * 0.02) for m in modules},
+                       {m.name: host(batch, k, k) for m in modules}, scale=2.0).to(first.device)
+    ids = torch.randint(3, vocab, (batch, prompt_tokens), generator=g, device="cpu").to(first.device)  # cpu: as above
     eager = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.generation_config.pad_token_id)
     settings = {**eager, "cache_implementation": "static", "compile_config": _cpu_compile()} if compiled else eager

@@ -5,7 +5,8 @@ kept for the life of the model. The hook reads the current delta from the model'
 adds `scale * B_b (A_b x_b)` per batch row with two batched matmuls (a `BasisDelta`: `scale * V
 M_b U x_b`, with U and V as dense matmuls for the whole batch); with an empty slot it
 returns None, so the module's own output passes through untouched (bit-exact restore).
-Attaching lays each module's factors out once (contiguous A and Bᵀ in the module's dtype), so
+Attaching lays each module's factors out once (contiguous A and Bᵀ on the module's device, in its
+dtype), so
 a call costs one dict lookup and two matmuls; under no_grad the update is added in place.
 Persistent hooks matter twice over: gradient checkpointing re-runs the forward during
 backward, after a `with` block would already have removed per-call hooks, and a compiled
@@ -34,7 +35,7 @@ from tflow.lora.onehot import OneHotColumns
 class _Factors:
     """One module's factors laid out for its hook: A [rows, r, in] and B transposed [rows, r, out].
 
-    Both are contiguous and in the module's dtype, prepared once per attach: contiguous Bᵀ makes
+    Both are contiguous, on the module's device and in its dtype, prepared once per attach: contiguous Bᵀ makes
     the second matmul several times faster than a strided view on CPU. A one-hot B (a copy
     head's) stays as its ids and values, and the hook scatters its votes. `base` holds the
     delta's own rows, from which beam and return-sequence expansions are made.
@@ -47,11 +48,12 @@ class _Factors:
         self.base = self if base is None else base
 
     @classmethod
-    def prepare(cls, a: Tensor, b: Tensor, scale: float, dtype: torch.dtype) -> _Factors:
+    def prepare(cls, a: Tensor, b: Tensor, scale: float, device: torch.device, dtype: torch.dtype) -> _Factors:
         """a: [batch, r, in], b: [batch, out, r]; grad mode forced on, so gradients always reach both."""
         with torch.enable_grad():
-            b_t = b.to(dtype) if isinstance(b, OneHotColumns) else b.to(dtype).mT.contiguous()
-            return cls(a.to(dtype).contiguous(), b_t, scale)
+            b = b.to(device=device, dtype=dtype)
+            return cls(a.to(device=device, dtype=dtype).contiguous(), b if isinstance(b, OneHotColumns) else b.mT.contiguous(),
+                       scale)
 
     def expand(self, rows: int, name: str) -> _Factors:
         """These factors for a batch of `rows`, each row repeated in place as generate() repeats inputs."""
@@ -89,10 +91,12 @@ class _BasisFactors:
         self.base = self if base is None else base
 
     @classmethod
-    def prepare(cls, u: Tensor, v: Tensor, m: Tensor, scale: float, dtype: torch.dtype) -> _BasisFactors:
+    def prepare(cls, u: Tensor, v: Tensor, m: Tensor, scale: float, device: torch.device,
+                dtype: torch.dtype) -> _BasisFactors:
         """u: [K, in], v: [out, K], m: [batch, K, K]; grad mode forced on, so gradients reach all three."""
         with torch.enable_grad():
-            return cls(u.to(dtype).contiguous(), v.to(dtype).T.contiguous(), m.to(dtype).mT.contiguous(), scale)
+            u, v, m = (t.to(device=device, dtype=dtype) for t in (u, v, m))
+            return cls(u.contiguous(), v.T.contiguous(), m.mT.contiguous(), scale)
 
     def expand(self, rows: int, name: str) -> _BasisFactors:
         """These factors for a batch of `rows`, each row's core repeated in place as generate() repeats inputs."""
@@ -188,11 +192,11 @@ def _repeats(rows: int, delta_rows: int, name: str) -> int:
 
 
 def _layout(delta: LoRADelta | BasisDelta, modules: dict[str, nn.Module]) -> dict[str, _Factors | _BasisFactors]:
-    """Each module's factors in the layout its hook reads, in the module's dtype."""
+    """Each module's factors in the layout its hook reads, on the module's device and in its dtype."""
     if isinstance(delta, BasisDelta):
-        return {name: _BasisFactors.prepare(u, v, delta.cores[name], delta.scale, _dtype(modules[name], u))
+        return {name: _BasisFactors.prepare(u, v, delta.cores[name], delta.scale, *_placement(modules[name], u))
                 for name, (u, v) in delta.basis.items()}
-    return {name: _Factors.prepare(a, b, delta.scale, _dtype(modules[name], a))
+    return {name: _Factors.prepare(a, b, delta.scale, *_placement(modules[name], a))
             for name, (a, b) in delta.factors.items()}
 
 
@@ -208,10 +212,13 @@ def _guard_hooks_when_compiled() -> None:
     torch.compiler.reset()
 
 
-def _dtype(module: nn.Module, a: Tensor) -> torch.dtype:
-    """The dtype a module computes in: its weight's, unless that is not floating point (quantized)."""
+def _placement(module: nn.Module, a: Tensor) -> tuple[torch.device, torch.dtype]:
+    """Where a module computes: its weight's device, and its weight's dtype unless that is not
+    floating point (quantized), when the factors keep their own."""
     weight = getattr(module, "weight", None)
-    return weight.dtype if weight is not None and weight.is_floating_point() else a.dtype
+    if weight is None:
+        return a.device, a.dtype
+    return weight.device, weight.dtype if weight.is_floating_point() else a.dtype
 
 
 _SLOTS: weakref.WeakKeyDictionary[nn.Module, _Slot] = weakref.WeakKeyDictionary()

@@ -6,6 +6,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from torch import Tensor
@@ -16,14 +17,19 @@ from tflow.errors import DataError
 from tflow.tasks import Example, Task, get, relay
 from tflow.training.checkpoint import RECIPE_FILE
 
+if TYPE_CHECKING:
+    from tflow.training.teacher import TeacherTargets
+
 
 @dataclass(frozen=True)
 class Splits:
-    """Train and validation examples with the task that prompts and scores them."""
+    """Train and validation examples with the task that prompts and scores them, and, for a
+    distillation objective, the teacher's targets for them (`tflow.training.teacher.prepare`)."""
 
     train: list[Example]
     val: list[Example]
     task: Task
+    teacher: TeacherTargets | None = None
 
 
 def load_splits(recipe) -> Splits:

@@ -22,10 +22,12 @@ import torch
 from lightning.pytorch.callbacks import ProgressBar
 from torch.utils.data import DataLoader
 
+from tflow.backbones.devices import agents_device, check_dtype
 from tflow.channels import registry
-from tflow.errors import CheckpointError
+from tflow.errors import CheckpointError, DeviceError, first_line
 from tflow.io import atomic_write, atomic_write_text, exclusive, writable_dir
 from tflow.team import Team, load
+from tflow.training import teacher
 from tflow.training.data import load_splits
 
 LIGHTNING_DIR = "lightning"
@@ -151,6 +153,7 @@ def train(recipe, *, resume: bool = False, progress: bool = True, callbacks=()) 
 
     Raises:
         RecipeError, DataError, ModelLoadError, CheckpointError (resume without a checkpoint),
+        DeviceError (a device, strategy or precision that cannot run here),
         OutputError (train.out_dir cannot be written, or another run is writing there).
     """
     cfg = recipe.train
@@ -169,46 +172,20 @@ def train(recipe, *, resume: bool = False, progress: bool = True, callbacks=()) 
 
 def _fit(recipe, logs: Path, resume: bool, progress: bool, callbacks) -> TrainResult:
     """The body of `train`, once the run holds its folder."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     cfg = recipe.train
     out_dir = Path(cfg.out_dir)
     last = logs / LIGHTNING_DIR / "last.ckpt"
     L.seed_everything(recipe.seed, verbose=False)
     splits = load_splits(recipe)  # data problems surface before any weights load
+    teacher.check(recipe, splits)  # and a distillation teacher's
+    trainer = _trainer(recipe, logs, progress, callbacks)  # and device problems
     team = load(recipe)
+    splits = teacher.prepare(team, splits)  # a distillation objective's teacher, scored once
     module = registry.get(cfg.channel).part.module()(team, splits)
     shuffle = torch.Generator().manual_seed(recipe.seed)
     train_loader = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=True, collate_fn=list,
                               num_workers=cfg.num_workers, generator=shuffle)
     val_loader = DataLoader(splits.val, batch_size=cfg.batch_size, collate_fn=list, num_workers=cfg.num_workers)
-    trainer = L.Trainer(
-        max_steps=cfg.max_steps,
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy,
-        precision=cfg.precision,
-        accumulate_grad_batches=cfg.accumulate,
-        gradient_clip_val=cfg.grad_clip,
-        val_check_interval=cfg.val_every * cfg.accumulate,
-        limit_val_batches=cfg.val_batches if cfg.val_batches is not None else 1.0,
-        check_val_every_n_epoch=None,
-        log_every_n_steps=cfg.log_every,
-        logger=_logger(cfg, logs),
-        callbacks=[
-            SavePart(out_dir),
-            ModelCheckpoint(dirpath=logs / LIGHTNING_DIR, save_last=True, save_top_k=0,
-                            every_n_train_steps=cfg.val_every),
-            *([StepProgress()] if progress else []),
-            *callbacks,
-        ],
-        plugins=[AtomicCheckpointIO()],
-        num_sanity_val_steps=0,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        default_root_dir=logs,
-    )
     if not resume:
         trainer.validate(module, val_loader, verbose=False)  # val_loss before training, at step 0
     metrics = logs / "metrics.csv"
@@ -224,6 +201,72 @@ def _fit(recipe, logs: Path, resume: bool, progress: bool, callbacks) -> TrainRe
     if backup.is_file() and trainer.is_global_zero:
         _merge_metrics(backup, metrics)
     return TrainResult(out_dir, trainer.global_step, trainer.interrupted, team, out_dir / registry.get(cfg.channel).part.file)
+
+
+def _trainer(recipe, logs: Path, progress: bool, callbacks) -> L.Trainer:
+    """The run's Lightning Trainer, on the agents' device (`placement`).
+
+    Raises:
+        DeviceError: a setting Lightning refuses here (its message, on one line), or a precision
+            the training device cannot compute in.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cfg = recipe.train
+    accelerator, devices = placement(recipe)
+    try:
+        trainer = L.Trainer(
+            max_steps=cfg.max_steps,
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=cfg.num_nodes,
+            strategy=cfg.strategy,
+            precision=cfg.precision,
+            accumulate_grad_batches=cfg.accumulate,
+            gradient_clip_val=cfg.grad_clip,
+            val_check_interval=cfg.val_every * cfg.accumulate,
+            limit_val_batches=cfg.val_batches if cfg.val_batches is not None else 1.0,
+            check_val_every_n_epoch=None,
+            log_every_n_steps=cfg.log_every,
+            logger=_logger(cfg, logs),
+            callbacks=[
+                SavePart(Path(cfg.out_dir)),
+                ModelCheckpoint(dirpath=logs / LIGHTNING_DIR, save_last=True, save_top_k=0,
+                                every_n_train_steps=cfg.val_every),
+                *([StepProgress()] if progress else []),
+                *callbacks,
+            ],
+            plugins=[AtomicCheckpointIO()],
+            num_sanity_val_steps=0,
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            default_root_dir=logs,
+        )
+    except Exception as err:  # Lightning refuses settings with several types (Misconfiguration, Value, ...)
+        raise DeviceError(f"train: Lightning cannot run strategy={cfg.strategy!r}, accelerator={accelerator!r}, "
+                          f"devices={devices!r} here ({first_line(err)})") from None
+    if cfg.precision != "32":
+        dtype = torch.bfloat16 if cfg.precision.startswith("bf16") else torch.float16
+        check_dtype(dtype, trainer.strategy.root_device, f"train.precision {cfg.precision!r}",
+                    "set train.precision: 32")
+    return trainer
+
+
+def placement(recipe) -> tuple[str, int | str | list[int]]:
+    """Lightning's accelerator and devices for a run: as `train` sets them, except that
+    `train.accelerator: auto` trains where the agents run (`model.device`), on that very GPU when
+    it is one of one.
+
+    Raises:
+        DeviceError: an agent's device does not exist here, or agents on different devices.
+    """
+    cfg = recipe.train
+    device = agents_device(recipe)
+    if cfg.accelerator != "auto":
+        return cfg.accelerator, cfg.devices
+    if device.type == "cuda" and cfg.devices in ("auto", 1):
+        return "cuda", [device.index]
+    return device.type, 1 if cfg.devices == "auto" else cfg.devices
 
 
 def run_dir(out_dir: Path, channel: str) -> Path:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from tflow.team import Team
 from tflow.training.data import Splits
+from tflow.training.objective import Objective
 
 
 class ChannelModule(L.LightningModule):
@@ -23,6 +23,7 @@ class ChannelModule(L.LightningModule):
         super().__init__()
         self._team = (team,)  # a tuple keeps the frozen backbones out of state_dict and DDP
         self.task = splits.task
+        self.objective = Objective(team.recipe.train, splits.teacher)
 
     @property
     def team(self) -> Team:
@@ -36,6 +37,19 @@ class ChannelModule(L.LightningModule):
         models = {id(a.model): a.model for a in [*self.team.senders, self.team.receiver]}
         for model in models.values():
             model.to(self.device)
+
+    def answer_loss(self, logits: Tensor, labels: Tensor, examples) -> Tensor:
+        """The recipe's objective (`train.objective`) on a batch's answer tokens; with a teacher its
+        terms are logged too (`train_ce`, `train_distill`, `val_ce`, `val_distill`).
+
+        logits [N, W, V], labels [N, W] (-100 off the answer; position t predicts label t + 1).
+        """
+        parts = self.objective.parts(logits, labels, examples)
+        stage = "train" if self.training else "val"
+        for name, value in parts.items():
+            if name != "loss":
+                self.log(f"{stage}_{name}", value.detach(), batch_size=len(examples), sync_dist=not self.training)
+        return parts["loss"]
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # a list of Examples (text); tensors are made on the device in each step
@@ -52,11 +66,6 @@ class ChannelModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def answer_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy where labels are not -100. logits [N, W, V], labels [N, W]."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
 class ExampleModule(ChannelModule):

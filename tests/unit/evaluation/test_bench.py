@@ -31,15 +31,16 @@ def test_quick_bench_of_a_recipe_reports_every_figure_as_a_positive_number(tmp_p
     assert all(isinstance(x, float) and math.isfinite(x) and x > 0 for x in figures), figures
     assert {(d["batch"], d["rank"], d["k"]) for d in result["decode"]} == {(8, 8, 16), (1, 8, 16), (32, 8, 16)}
     assert set(result["channels"]) == {"none", "text", "weights", "weights_basis", "kv", "latent"}
-    assert set(result["generator"]) == {"param_tokens", "mlp", "basis"}
-    # A query's fused message from two senders, float32: rank 2 x 4 factors, or one 16 x 16 core, a module.
+    assert set(result["generator"]) == {"param_tokens", "mlp", "basis", "perceiver"}
+    # A query's fused message from two senders, float32: rank 2 x 4 factors (2 x 8 with the perceiver's
+    # bias LoRA), or one 16 x 16 core, a module.
     m = result["model"]
     h, q, kv, ff = m["hidden_size"], m["num_attention_heads"] * m["head_dim"], m["num_key_value_heads"] * m["head_dim"], \
         m["intermediate_size"]
     sides = (h + q) * 2 + (h + kv) * 2 + (h + ff) * 3  # q, o; k, v; gate, up, down
     layers = m["num_hidden_layers"]
     assert result["message_bytes"] == {"param_tokens": 4 * 8 * sides * layers, "mlp": 4 * 8 * sides * layers,
-                                       "basis": 4 * 16 * 16 * 7 * layers}
+                                       "basis": 4 * 16 * 16 * 7 * layers, "perceiver": 4 * 16 * sides * layers}
     tokens = {c["receiver_tokens"] for c in result["channels"].values()}
     assert tokens == {result["plan"]["answer_tokens"] * result["plan"]["queries"]}  # equal lengths, forced
     assert {"device", "threads", "torch"} <= set(result["machine"])

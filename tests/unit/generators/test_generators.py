@@ -34,7 +34,7 @@ def condition(n=3, t=6, h=64, seed=0):
 
 
 def test_registry_lists_kinds_in_registration_order():
-    assert generators.available() == ["param_tokens", "mlp", "basis"]
+    assert generators.available() == ["param_tokens", "mlp", "basis", "perceiver"]
     with pytest.raises(ValueError, match="already registered"):
         generators.register("mlp")(generators.Generator)
 
@@ -153,7 +153,7 @@ def test_unknown_kind_lists_available(qwen, config, what):
     spec = ReceiverSpec.from_model(qwen)
     with pytest.raises(RecipeError) as err:
         generators.build(config, spec, 64)
-    assert err.value.problems == [f"generator.kind: {what}; available: param_tokens, mlp, basis"]
+    assert err.value.problems == [f"generator.kind: {what}; available: param_tokens, mlp, basis, perceiver"]
 
 
 def test_kind_with_two_shapes_is_rejected():

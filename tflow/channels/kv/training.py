@@ -1,6 +1,6 @@
 """Training the kv channel's part (DiffMAS): the senders build the KV trace without gradient and
 without the adapter; the receiver reads its prompt and the gold answer on it with its LoRA patched
-in, cross-entropy on the answer tokens. Every LLM stays frozen."""
+in, the run's objective on the answer tokens (`train.objective`). Every LLM stays frozen."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tflow.channels.kv.run import build_trace
 from tflow.channels.registry import Call
 from tflow.lora.patching import patched
 from tflow.training.data import teacher_forced_ids
-from tflow.training.modules import ExampleModule, answer_loss
+from tflow.training.modules import ExampleModule
 
 
 class KVModule(ExampleModule):
@@ -43,4 +43,4 @@ class KVModule(ExampleModule):
                                           team.recipe.train.max_length)
         with patched(receiver.model, self.lora.delta(), validate=False):
             logits = trace.append_ids(seqs, tok.pad_token_id, full=True).logits
-        return answer_loss(logits, pad_batch(labels, -100, "left", trace.device)[0])
+        return self.answer_loss(logits, pad_batch(labels, -100, "left", trace.device)[0], examples)

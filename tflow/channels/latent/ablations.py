@@ -55,7 +55,7 @@ def ablate_latent(messages: LatentMessages, names: Sequence[str], *, seed: int =
     thoughts, steps, rows = messages.thoughts, messages.steps, {}
     for name in names:
         if name == "shuffled":
-            rows[name] = thoughts[torch.tensor(derangement(len(thoughts), seed))]
+            rows[name] = thoughts[torch.tensor(derangement(len(thoughts), seed), device=thoughts.device)]
         elif name == "static":
             rows[name] = thoughts.mean(0, keepdim=True).expand_as(thoughts)
         elif name == "drop-sender":

@@ -44,7 +44,7 @@ class OuterLink(nn.Module):
         self.residual, self.norm_out = nn.Linear(d_src, d_tgt, bias=False), nn.LayerNorm(d_tgt)
         if d_src == d_tgt:
             with torch.no_grad():
-                self.residual.weight.copy_(torch.eye(d_src))
+                self.residual.weight.copy_(torch.eye(d_src, device=self.residual.weight.device))
                 self.down.weight.zero_()
                 self.down.bias.zero_()
 

@@ -1,11 +1,12 @@
 """Training the latent channel's part (RecursiveMAS); every LLM stays frozen.
 
 The senders' thoughts are rolled out without gradient; the OuterLinks learn from the receiver's
-cross-entropy on the answer with the thoughts spliced into its prompt, and each sender's InnerLink
+answer objective (`train.objective`, cross-entropy by default) with the thoughts spliced into its
+prompt, and each sender's InnerLink
 learns to map its prompt's hidden state t to the input embedding of token t + 1 ((1 - cos) + 0.1
 MSE). With rounds > 1, training runs every round as the channel does: the receiver's InnerLink
 learns the same objective on its own prompts, and the feedback OuterLink learns from the
-cross-entropy through the first sender's second rollout.
+answer objective through the first sender's second rollout.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tflow.channels.dispatch import sender_names
 from tflow.channels.latent import part
 from tflow.channels.latent.links import inner_loss
 from tflow.channels.latent.run import receiver_turn, rollout, sender_turn, spliced
-from tflow.training.modules import ExampleModule, answer_loss
+from tflow.training.modules import ExampleModule
 
 
 class LatentModule(ExampleModule):
@@ -65,7 +66,7 @@ class LatentModule(ExampleModule):
         for i, ids in enumerate(answers):
             labels[i, mask.shape[1] - len(ids):] = torch.tensor(ids, device=mask.device)
         logits = Trace(receiver.model, len(queries)).append_embeds(embeds, mask, full=True).logits
-        return answer_loss(logits, labels) + latent.inner_weight * torch.stack(inner).mean()
+        return self.answer_loss(logits, labels, examples) + latent.inner_weight * torch.stack(inner).mean()
 
     def _fed_back(self, queries, contexts, turns, message: Tensor) -> Tensor:
         """One more round, as `tflow.channels.latent.run.converse` runs it: the receiver's own thoughts

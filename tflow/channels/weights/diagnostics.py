@@ -104,7 +104,8 @@ def sender_deltas(senders: Sequence[Sender], receiver: Receiver, queries: Sequen
             kept.append(share.detach().to("cpu"))
     shares = tuple(type(kept[0]).stack_rows(kept) for kept in parts)
     copy = generator.copy.module if generator.copy is not None else None
-    return SenderDeltas(tuple(names), shares, torch.tensor(refused, dtype=torch.bool), copy)
+    refused = torch.tensor(refused, dtype=torch.bool, device="cpu")  # cpu: beside the shares, kept on the host
+    return SenderDeltas(tuple(names), shares, refused, copy)
 
 
 def ablate(deltas: SenderDeltas, names: Sequence[str], *, seed: int = 0) -> dict[str, Delta]:
@@ -121,7 +122,7 @@ def ablate(deltas: SenderDeltas, names: Sequence[str], *, seed: int = 0) -> dict
     fused, rows = deltas.fused(), {}
     for name in names:
         if name == "shuffled":
-            rows[name] = fused.select(torch.tensor(derangement(deltas.num_queries, seed)))
+            rows[name] = fused.select(torch.tensor(derangement(deltas.num_queries, seed), device="cpu"))  # cpu: as the shares
         elif name == "static":
             rows[name] = fused.mean()
         elif name == "drop-sender":
@@ -189,7 +190,7 @@ def _gram(delta: Delta) -> Tensor:
     On a shared basis, <V M_i U, V M_j U>_F = sum(M_i * (Vᵀ V) M_j (U Uᵀ)): K x K blocks.
     """
     n = delta.batch_size
-    gram = torch.zeros(n, n)
+    gram = torch.zeros(n, n, device="cpu")  # cpu: the analysis reads every factor back to the host
     if isinstance(delta, BasisDelta):
         for name, core in delta.cores.items():
             u, v = (t.detach().float().cpu() for t in delta.basis[name])
@@ -238,7 +239,7 @@ def summarize(deltas: SenderDeltas, receiver: Receiver) -> dict:
         cosine = {"queries": len(nonzero), "mean": off.mean().item(), "min": off.min().item(),
                   "max": off.max().item(), "quantiles": _quantiles(off),
                   "query_specific_share": _specific(gram).mean().item(),
-                  "histogram": {"edges": torch.linspace(-1, 1, HISTOGRAM_BINS + 1).tolist(),
+                  "histogram": {"edges": torch.linspace(-1, 1, HISTOGRAM_BINS + 1, device="cpu").tolist(),
                                 "counts": [int(c) for c in counts.tolist()]}}
     row_norms = deltas.generated().row_norms().tolist()
     return {
@@ -254,7 +255,7 @@ def summarize(deltas: SenderDeltas, receiver: Receiver) -> dict:
 
 
 def _quantiles(values: Tensor) -> dict[str, float]:
-    qs = torch.quantile(values, torch.tensor([0.05, 0.5, 0.95]))
+    qs = torch.quantile(values, torch.tensor([0.05, 0.5, 0.95], dtype=values.dtype, device=values.device))
     return {"p5": qs[0].item(), "p50": qs[1].item(), "p95": qs[2].item()}
 
 

@@ -29,8 +29,10 @@ class Hypernetwork(nn.Module):
     numbers them; `sender_layers` and `sender_hidden` then one per group) get a layer aggregation
     per group, `aggregation[str(g)]`, and a linear projection, `projection[str(g)]`, from each
     group narrower than the widest into the widest width, which the generator reads. One backbone
-    keeps one `aggregation` and no projection. `senders` (each sender's name and backbone
-    fingerprint, `checkpoint.backbone_fingerprint`) is recorded in checkpoints and checked on load.
+    keeps one `aggregation` and no projection. A generator kind that `reads_layers` gets no
+    aggregation: it reads the states entering each patched layer (`layer_states`), projected
+    alike. `senders` (each sender's name and backbone fingerprint,
+    `checkpoint.backbone_fingerprint`) is recorded in checkpoints and checked on load.
     `copy` (the receiver's LM head: module name, in and out features) adds a `CopyHead` whose
     factors join every sender's delta; it needs senders on one backbone that tokenizes like the
     receiver (`tflow.channels.weights.part.build` checks that).
@@ -53,11 +55,13 @@ class Hypernetwork(nn.Module):
         self.shapes = list(zip(layers, hidden, strict=True))
         self.width = max(hidden)
         self.config = {"generator": None, "num_senders": num_senders}
+        # A generator that reads each layer's states has no use for a layer aggregation.
+        aggregates = not generators.get(generator["kind"]).reads_layers
         if len(layers) == 1:  # the single-backbone layout (and parameter names) of every earlier checkpoint
-            self.aggregation = LayerAggregation(layers[0])
+            self.aggregation = LayerAggregation(layers[0]) if aggregates else None
             self.config.update(sender_layers=layers[0], sender_hidden=hidden[0])
         else:
-            self.aggregation = nn.ModuleDict({str(g): LayerAggregation(n) for g, n in enumerate(layers)})
+            self.aggregation = nn.ModuleDict({str(g): LayerAggregation(n) for g, n in enumerate(layers) if aggregates})
             self.projection = nn.ModuleDict({str(g): nn.Linear(h, self.width) for g, h in enumerate(hidden)
                                              if h != self.width})
             self.config.update(sender_layers=layers, sender_hidden=hidden, sender_groups=list(self.groups))
@@ -86,7 +90,8 @@ class Hypernetwork(nn.Module):
         return self.fusion.shares(delta, states.num_senders)
 
     def condition(self, states: SenderStates) -> tuple[Tensor, Tensor]:
-        """What the generator reads: cond [S * Q, T, width] sender-major (padding zero) and mask [S * Q, T].
+        """What the generator reads: cond [S * Q, T, width] sender-major (padding zero) and mask [S * Q, T];
+        for a generator that `reads_layers`, cond [S * Q, patched layers, T, width] (`layer_states`).
 
         Raises:
             ModelLoadError: another number of senders, or a sender on a backbone of another shape
@@ -99,19 +104,22 @@ class Hypernetwork(nn.Module):
         for g, (hidden, mask) in enumerate(zip(states.hiddens, states.masks, strict=True)):
             mine = self._group_of(states, g, hidden)
             mask = mask.to(device)
-            if isinstance(self.aggregation, LayerAggregation):
+            if self.generator.reads_layers:
+                cond = layer_states(hidden.to(device), self.spec)
+            elif isinstance(self.aggregation, LayerAggregation):
                 cond = self.aggregation(hidden.to(device), mask)
             else:
                 cond = self.aggregation[str(mine)](hidden.to(device), mask)
-                if str(mine) in self.projection:
-                    cond = self.projection[str(mine)](cond).masked_fill(~mask[..., None], 0.0)
+            if len(self.shapes) > 1 and str(mine) in self.projection:
+                real = mask.view(mask.shape[0], *[1] * (cond.dim() - 3), mask.shape[1], 1)
+                cond = self.projection[str(mine)](cond).masked_fill(~real, 0.0)
             conds.append(cond)
             masks.append(mask)
         if len(conds) == 1:
             return conds[0], masks[0]
         width = max(m.shape[1] for m in masks)
         blocks = [states.rows(s) for s in range(states.num_senders)]
-        return (torch.cat([pad_right(conds[g][rows], width, 1) for g, rows in blocks]),
+        return (torch.cat([pad_right(conds[g][rows], width, -2) for g, rows in blocks]),
                 torch.cat([pad_right(masks[g][rows], width, 1) for g, rows in blocks]))
 
     def _group_of(self, states: SenderStates, g: int, hidden: Tensor) -> int:
@@ -126,3 +134,12 @@ class Hypernetwork(nn.Module):
                                      f"{shape[1]}; this generator was built for {want[0]} and {want[1]} there"
                                      + ("" if self.groups[s] == mine else f", on another backbone than sender {members[0]}"))
         return mine
+
+
+def layer_states(hidden: Tensor, spec: ReceiverSpec) -> Tensor:
+    """The sender states entering each patched receiver layer: hidden [layers + 1, N, T, H] ->
+    [N, len(spec.layers), T, H]. Receiver layer i of L reads the sender's state entering its layer
+    round(i * L_s / L) of L_s (layer i itself when the depths agree; index 0 is the embeddings)."""
+    depth = hidden.shape[0] - 1
+    index = torch.tensor([round(i * depth / spec.num_layers) for i in spec.layers], device=hidden.device)
+    return hidden.index_select(0, index).transpose(0, 1)

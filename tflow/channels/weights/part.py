@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import generators
 from tflow.agents.agent import Receiver, Sender
 from tflow.agents.encoding import backbone_groups
 from tflow.backbones.families import ReceiverSpec
@@ -29,7 +30,8 @@ def build(recipe, senders: Sequence[Sender], receiver: Receiver) -> Hypernetwork
     """A fresh hypernetwork for the recipe's generator, on the receiver's device: a layer
     aggregation (and, where widths differ, a projection) per sender backbone."""
     g = recipe.generator
-    spec = ReceiverSpec.from_model(receiver.model, g.targets, g.layers)
+    targets = g.targets if g.targets is not None else generators.get(g.kind).default_targets
+    spec = ReceiverSpec.from_model(receiver.model, targets, g.layers)
     groups = backbone_groups(senders)
     configs = [senders[groups.index(k)].model.config for k in range(max(groups) + 1)]
     fingerprints = [{"name": name, **backbone_fingerprint(s.model)}

@@ -17,10 +17,13 @@ class GeneratorSection(GeneratorSettings):
 
     kind: str = "param_tokens"
     """Architecture, a kind registered in `generators`: `param_tokens` (transformer over parameter
-    tokens, the paper's), `mlp`, or `basis` (the param-token trunk emitting a K x K core per module
-    on a shared learned basis). Its settings are `generators.get(kind).Settings`."""
+    tokens, the paper's), `mlp`, `basis` (the param-token trunk emitting a K x K core per module
+    on a shared learned basis), or `perceiver` (Doc-to-LoRA's: a shared Perceiver over the sender
+    states entering each patched layer, one latent per rank, per-layer heads). Its settings are
+    `generators.get(kind).Settings`."""
     targets: list[str] | None = Field(None, min_length=1)
-    """Linear module kinds of the receiver to patch in each targeted layer; null: every linear kind
+    """Linear module kinds of the receiver to patch in each targeted layer; null: the kind's own
+    default (`perceiver`: down_proj), else every linear kind
     of the receiver's family (q/k/v/o/gate/up/down_proj; Phi-3's fused qkv_proj, o_proj,
     gate_up_proj, down_proj). On Phi-3 a part name targets its whole fused module (q_proj, k_proj,
     v_proj: qkv_proj; gate_proj, up_proj: gate_up_proj). Name them by hand for a model of another

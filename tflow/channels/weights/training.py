@@ -1,9 +1,9 @@
 """Training the weights channel's part: only the hypernetwork (generator, layer aggregation,
 fusion gates) learns; senders and receiver stay frozen.
 
-The loss is the receiver's teacher-forced cross-entropy on answer tokens with the generated
-delta in its slot. The delta stays attached from the forward until after backward, because
-gradient checkpointing re-runs the receiver's forward inside backward.
+The loss is the run's objective (`train.objective`) on the receiver's teacher-forced answer
+tokens with the generated delta in its slot. The delta stays attached from the forward until
+after backward, because gradient checkpointing re-runs the receiver's forward inside backward.
 """
 
 from __future__ import annotations
@@ -43,14 +43,14 @@ class GeneratorModule(ChannelModule):
         prompts = [team.receiver.prompt(q) for q in queries]
         targets = [self.task.target(ex, recipe.data.fields.answer) for ex in examples]
         ids, mask, labels = teacher_forced(team.receiver.tokenizer, prompts, targets, recipe.train.max_length, self.device)
-        return delta, dict(input_ids=ids, attention_mask=mask, labels=labels)
+        return delta, dict(input_ids=ids, attention_mask=mask), labels
 
     def training_step(self, examples, batch_idx):
         receiver = self.team.receiver.model
         detach(receiver)  # a step that failed before its backward leaves nothing behind
-        delta, batch = self._delta_and_batch(examples)
+        delta, batch, labels = self._delta_and_batch(examples)
         attach(receiver, delta, validate=False)
-        loss = receiver(**batch).loss
+        loss = self.answer_loss(receiver(**batch).logits, labels, examples)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(examples))
         return loss
 
@@ -61,7 +61,7 @@ class GeneratorModule(ChannelModule):
         detach(self.team.receiver.model)
 
     def validation_step(self, examples, batch_idx):
-        delta, batch = self._delta_and_batch(examples)
+        delta, batch, labels = self._delta_and_batch(examples)
         with patched(self.team.receiver.model, delta, validate=False):
-            loss = self.team.receiver.model(**batch).loss
+            loss = self.answer_loss(self.team.receiver.model(**batch).logits, labels, examples)
         self.log("val_loss", loss, prog_bar=True, batch_size=len(examples), sync_dist=True)
