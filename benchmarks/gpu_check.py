@@ -17,7 +17,8 @@ out of time records why, and the check goes on with the next:
 4. `train`: `tflow train recipes/qwen3x3.yaml` on that backbone (relay data, bf16-mixed,
    gradient checkpointing) for 50 steps; `train_fsdp`: the same on Lightning's FSDP strategy on
    one device (skipped without CUDA: Lightning's FSDP runs on GPUs only).
-5. `serve`: `benchmarks/serve_load.py` on that backbone at 1, 8 and 32 concurrent clients.
+5. `serve`: `benchmarks/serve_load.py` on that backbone at 1, 8 and 32 concurrent clients (on a CPU
+   smoke run, 1 and 4 clients and 8 requests a level, to fit its share).
 
 The JSON holds the card's name, each stage's status, wall seconds, budget and figures, the
 headline figures beside their targets (docs/performance.md), and the whole run's wall seconds.
@@ -116,7 +117,8 @@ def plan(args, work: Path) -> dict:
                  "data.relay.n_test=8", f"train.max_steps={shape['steps']}", "train.accumulate=1",
                  f"train.val_every={shape['steps']}", "train.val_batches=2", "train.accelerator=auto", "--no-progress"]
     serve = [sys.executable, "benchmarks/serve_load.py", "--recipe", "recipes/qwen3x3.yaml",
-             *[a for o in recipe[1:] for a in ("--set", o)], "--concurrency", "1,8,32", "--requests", "32",
+             *[a for o in recipe[1:] for a in ("--set", o)],
+             *(["--concurrency", "1,8,32", "--requests", "32"] if cuda else ["--concurrency", "1,4", "--requests", "8"]),
              "--max-tokens", "16", "--json", str(work / "serve.json")]
     return {
         "gpu_tests": ([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker,
