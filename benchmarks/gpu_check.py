@@ -38,10 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from any folder: the tflow beside it
+from tflow.io import atomic_write_text
 
-from tflow.io import atomic_write_text  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 STAGES = {"gpu_tests": 0.16, "build": 0.09, "bench": 0.25, "train": 0.13, "train_fsdp": 0.11, "serve": 0.21}
 """Each stage's share of --budget; the rest is start-up and slack."""

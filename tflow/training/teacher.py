@@ -24,7 +24,7 @@ from tflow.agents.encoding import pad_batch
 from tflow.backbones.families import ReceiverSpec
 from tflow.channels import registry
 from tflow.errors import CheckpointError, RecipeError, first_line
-from tflow.io import read_safetensors
+from tflow.io import read_safetensors, sha256_file
 from tflow.lora.patching import patched
 from tflow.lora.receiver_lora import ReceiverLoRA
 from tflow.tasks import Example, Task
@@ -149,7 +149,7 @@ def teacher_lora(team, channel: str, checkpoint: str | None) -> tuple[ReceiverLo
     lora = ReceiverLoRA(spec, saved.get("rank", kv.rank), saved.get("alpha", kv.alpha))
     lora = lora.to(next(receiver.model.parameters()).device)
     part.load(lora, path, team)
-    return lora, cache.file_digest(path)
+    return lora, sha256_file(path)
 
 
 def score(team, turns: Callable, lora: ReceiverLoRA | None, examples: Sequence[Example], task: Task, answer: str,

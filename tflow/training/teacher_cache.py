@@ -37,15 +37,6 @@ def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 (hex) of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_fingerprint(model) -> str:
     """SHA-256 (hex) over every weight tensor's name, shape, dtype and `SAMPLES` evenly strided
     entries: another checkpoint, dtype or architecture gives another fingerprint, at a cost that

@@ -9,6 +9,7 @@ import pytest
 from tflow.backbones import gguf as gguf_models
 from tflow.config.recipe import load_recipe
 from tflow.errors import ModelLoadError, RecipeError
+from tflow.io import sha256_file
 
 SMOLLM2 = gguf_models.resolve(gguf_models.SMOLLM2)
 
@@ -32,7 +33,7 @@ def test_cache_is_built_once_keyed_by_content_and_checked(tmp_path, fake_dequant
     source = tmp_path / "m.gguf"
     source.write_text("weights v1")
     first = gguf_models.cached_folder(str(source), tmp_path / "cache", say=said.append)
-    assert first.name == gguf_models.sha256(source)[:24]
+    assert first.name == sha256_file(source)[:24]
     assert gguf_models.cached_folder(str(source), tmp_path / "cache", say=said.append) == first
     assert len(fake_dequantize) == 1 and len(said) == 1
     manifest = json.loads((first / gguf_models.MANIFEST).read_text())
@@ -60,7 +61,7 @@ def test_stale_or_corrupted_cache_is_rebuilt_not_used(tmp_path, fake_dequantize,
     assert gguf_models.cached_folder(str(source), tmp_path / "cache", say=said.append) == folder
     assert len(fake_dequantize) == 2
     assert reason in said[-2] and "rebuilding" in said[-2]
-    assert gguf_models._check(folder, gguf_models.sha256(source)) is None
+    assert gguf_models._check(folder, sha256_file(source)) is None
 
 
 def test_a_failed_build_leaves_no_cache(tmp_path, monkeypatch):
