@@ -102,11 +102,11 @@ class OneHotColumns:
         return self._with(self.ids.contiguous(), self.values.contiguous())
 
     def add_product(self, output: Tensor, h: Tensor, scale: float) -> Tensor:
-        """output + scale * (B hᵀ)ᵀ per row; h: [rows, T, rank] (A x), output: [rows, T, out].
+        """output + scale * (B hᵀ)ᵀ per row; h: [rows, T, rank] (A x), output: [rows, T, out]; B has rows or 1 row.
 
         One scatter-add of each rank's vote onto its id; in place when no gradient is recorded.
         """
-        index = self.ids[:, None, :].expand(-1, h.shape[1], -1)
+        index = self.ids[:, None, :].expand(h.shape[0], h.shape[1], -1)  # one row of ids serves every row
         votes = h * (self.values[:, None, :] * scale)
         if torch.is_grad_enabled():
             return output.scatter_add(-1, index, votes)

@@ -56,22 +56,35 @@ class _Factors:
                        scale)
 
     def expand(self, rows: int, name: str) -> _Factors:
-        """These factors for a batch of `rows`, each row repeated in place as generate() repeats inputs."""
+        """These factors for a batch of `rows`, each row repeated in place as generate() repeats inputs.
+
+        A one-row delta (a static mean, rank batch * r) is never copied: `add` applies it to every row.
+        """
         base = self.base
-        if rows == base.rows:
+        if rows == base.rows or base.rows == 1:
             return base
         n = _repeats(rows, base.rows, name)
         with torch.enable_grad():
             return _Factors(base.a.repeat_interleave(n, 0), base.b_t.repeat_interleave(n, 0), base.scale, base)
 
     def add(self, x: Tensor, output: Tensor) -> Tensor:
-        """output + scale * B_b (A_b x_b) per row; x: [rows, T, in], output: [rows, T, out]."""
+        """output + scale * B_b (A_b x_b) per row; x: [rows, T, in], output: [rows, T, out].
+
+        With one row of factors and more rows of x, that row serves them all (two dense matmuls).
+        """
         a, b_t = self.a, self.b_t
         if a.dtype != output.dtype:  # autocast, or a module whose weight is not its compute dtype
             a, b_t = a.to(output.dtype), b_t.to(output.dtype)
-        h = torch.bmm(x if x.dtype == a.dtype else x.to(a.dtype), a.mT)
+        x = x if x.dtype == a.dtype else x.to(a.dtype)
+        h = torch.bmm(x, a.mT) if self.rows == x.shape[0] else torch.matmul(x, a[0].mT)
         if isinstance(b_t, OneHotColumns):
             return b_t.add_product(output, h, self.scale)
+        if self.rows != x.shape[0]:
+            flat = output.view(-1, output.shape[-1])
+            if torch.is_grad_enabled():
+                return torch.addmm(flat, h.flatten(0, 1), b_t[0], alpha=self.scale).view_as(output)
+            flat.addmm_(h.flatten(0, 1), b_t[0], alpha=self.scale)
+            return output
         if torch.is_grad_enabled():
             return torch.baddbmm(output, h, b_t, alpha=self.scale)
         return output.baddbmm_(h, b_t, alpha=self.scale)  # nothing records the fresh output: spare a copy

@@ -77,3 +77,10 @@ def test_bad_one_hot_factors_are_one_line_errors():
     with pytest.raises(DeltaError, match="disagree on batch or rank"):
         LoRADelta({"lm_head": (torch.zeros(1, 3, 64), OneHotColumns(torch.zeros(1, 2, dtype=torch.long),
                                                                       torch.zeros(1, 2), VOCAB))})
+
+
+def test_a_one_row_mean_patches_a_batch_as_its_dense_mean(qwen):
+    """The static ablation's delta: one row of one-hot columns serves every row of the batch."""
+    sparse, full = one_hot_delta()
+    ids = torch.randint(3, 500, (3, 7), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(lm_logits(qwen, sparse.mean(), ids), lm_logits(qwen, full.mean().expand(3), ids), atol=1e-5)

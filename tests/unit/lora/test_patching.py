@@ -11,7 +11,7 @@ from helpers import PROMPTS, batch, logits
 from tflow import LoRADelta, ReceiverSpec, patched
 from tflow.backbones import tiny
 from tflow.errors import DeltaError, PatchError
-from tflow.lora.patching import attach, detach
+from tflow.lora.patching import attach, detach, slot
 
 
 def test_each_row_matches_its_merged_model(qwen, tok):
@@ -303,3 +303,23 @@ def test_a_compiled_model_follows_whatever_the_slot_holds(tok):
     for name, d in (("first", first), ("second", second), ("none", None), ("first", first)):
         torch.testing.assert_close(logits(compiled, d), eager[name], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(eager["first"], eager["none"])
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_one_row_delta_serves_every_row_without_copies(grad):
+    """A static mean is one row of rank batch * r: applied to each row of x, never repeated per row."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12))
+    a = torch.randn(1, 40, 16, requires_grad=True)
+    b = torch.randn(1, 12, 40, requires_grad=True)
+    x = torch.randn(5, 3, 16)
+    with torch.no_grad():
+        expected = lora_reference(model[0], x, a.expand(5, -1, -1), b.expand(5, -1, -1), 0.7)
+    with torch.set_grad_enabled(grad), patched(model, LoRADelta({"0": (a, b)}, scale=0.7)):
+        got = model(x)
+        assert slot(model)._live["0"].a.shape[0] == 1  # not expanded to the 5 rows
+        if grad:
+            got.square().sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)  # rank 40: float sums
+    if grad:
+        assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
