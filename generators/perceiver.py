@@ -3,7 +3,9 @@
 One Perceiver with shared weights runs over each patched layer's sender states (the layer axis
 folded into the batch): `rank` learned latents, plus a learned embedding of the layer, read the
 states by cross-attention in `depth` blocks. Each latent becomes one rank of every targeted module
-of that layer through a per-layer linear head to an A row and a B row.
+of that layer through a per-layer linear head to an A row and a B row. With `state_values`, a
+rank's B column is instead a mix of the sender's own states that its latent points at: the
+receiver and the sender share one residual space, so B can write a sender's state as it is.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 
 import torch
 from einops import rearrange
+from pydantic import model_validator
+from pydantic_core import PydanticCustomError
 from torch import Tensor, nn
 from torch.nn.functional import normalize
 
@@ -21,6 +25,7 @@ from generators.base import Factors, Generator, SlotHead
 from generators.registry import register
 from generators.settings import GeneratorSettings
 from tflow.backbones.families import ReceiverSpec
+from tflow.errors import TargetError
 
 
 class PerceiverSettings(GeneratorSettings):
@@ -37,6 +42,18 @@ class PerceiverSettings(GeneratorSettings):
     """Append a learned, query-independent LoRA of `rank` more ranks per module (B starts at
     zero), so what every query needs alike (the answer's form) has a place of its own and the
     generated ranks are left to carry the query."""
+    state_values: bool = False
+    """Each rank's B column is the sender's states entering that layer (each L2-normalised), mixed
+    by an attention of the rank's latent over the positions, times its B scalar: a pointer into
+    the sender's residual stream, as the copy head is one into its tokens. Needs rank_scalars and
+    targets that write the residual stream (out_features = hidden size: down_proj, o_proj)."""
+
+    @model_validator(mode="after")
+    def _state_values_need_rank_scalars(self):
+        if self.state_values and not self.rank_scalars:
+            raise PydanticCustomError("key_problem", "{message}", {
+                "key": "state_values", "message": "needs rank_scalars: true (its zero-start B scalars size the states)"})
+        return self
 
 
 class LatentBlock(nn.Module):
@@ -70,7 +87,7 @@ class RankHead(SlotHead):
     def __init__(self, spec: ReceiverSpec, d_model: int, rank: int, head_scale: float, settings: Mapping[str, Any]):
         super().__init__(spec)
         self.rank, self.head_scale = rank, head_scale
-        self.normalize_rank = settings["normalize_rank"]
+        self.normalize_rank, self.state_values = settings["normalize_rank"], settings["state_values"]
         unit = 1.0 if self.normalize_rank else float(d_model)  # the squared length of a latent the head reads
         self.weight, self.scale_a, self.scale_b = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
         self.bias_a, self.bias_b = nn.ParameterDict(), nn.ParameterDict()
@@ -79,7 +96,7 @@ class RankHead(SlotHead):
             a = torch.randn(layers, d_model, i) / math.sqrt(unit * i)
             b = torch.randn(layers, d_model, o) / math.sqrt(unit * o) if settings["rank_scalars"] \
                 else torch.zeros(layers, d_model, o)
-            self.weight[kind] = nn.Parameter(torch.cat([a, b], dim=-1))
+            self.weight[kind] = nn.Parameter(a if self.state_values else torch.cat([a, b], dim=-1))
             if settings["rank_scalars"]:
                 self.scale_a[kind] = nn.Parameter(torch.ones(layers, rank))
                 self.scale_b[kind] = nn.Parameter(torch.zeros(layers, rank))
@@ -88,11 +105,18 @@ class RankHead(SlotHead):
                 self.bias_b[kind] = nn.Parameter(torch.zeros(layers, o, rank))
 
     def emit(self, kind: str, tokens: Tensor) -> Sequence[tuple[Tensor, Tensor]]:
-        """tokens: [N, l, r, d_model] -> l pairs (A [N, r', in], B [N, out, r']), r' = r (+ r with a bias LoRA)."""
+        """tokens: [N, l, r, d_model] (with `state_values`, [N, l, r, d_model + out]: each latent, then
+        the states it points at) -> l pairs (A [N, r', in], B [N, out, r']), r' = r (+ r with a bias LoRA)."""
         n = tokens.shape[0]
-        i, _ = self.shapes[kind]
+        i, o = self.shapes[kind]
+        if self.state_values:
+            tokens, b = tokens.split([tokens.shape[-1] - o, o], dim=-1)
+            b = rearrange(b, "n l r o -> l n r o")
         latents = normalize(tokens, dim=-1) if self.normalize_rank else tokens
-        a, b = torch.einsum("nlrd,ldf->lnrf", latents, self.weight[kind]).split([i, self.shapes[kind][1]], dim=-1)
+        if self.state_values:
+            a = torch.einsum("nlrd,ldf->lnrf", latents, self.weight[kind])
+        else:
+            a, b = torch.einsum("nlrd,ldf->lnrf", latents, self.weight[kind]).split([i, o], dim=-1)
         if kind in self.scale_a:
             a = a * self.scale_a[kind][:, None, :, None]
             b = b * self.scale_b[kind][:, None, :, None]
@@ -127,6 +151,13 @@ class PerceiverGenerator(Generator):
         self.layer_emb = nn.Parameter(torch.randn(len(spec.layers), 1, d) * 0.02)
         self.blocks = nn.ModuleList(LatentBlock(d, cfg["heads"], cfg["dropout"]) for _ in range(cfg["depth"]))
         self.norm = nn.LayerNorm(d)
+        if cfg["state_values"]:
+            wrong = sorted({m.kind for m in spec.modules if m.out_features != sender_hidden_size})
+            if wrong:
+                raise TargetError(f"generator.state_values writes the senders' states (width {sender_hidden_size}) "
+                                  f"into B, but {', '.join(wrong)} do not write the residual stream; use "
+                                  "generator.targets: [down_proj] or [o_proj]")
+            self.point_query, self.point_key = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
 
     def head(self, spec: ReceiverSpec) -> RankHead:
         return RankHead(spec, self.config["d_model"], self.rank, self.config["head_scale"], self.config)
@@ -143,6 +174,18 @@ class PerceiverGenerator(Generator):
         x = (self.latents + self.layer_emb).repeat(n, 1, 1)
         for block in self.blocks:
             x = block(x, memory, pad)
-        tokens = rearrange(self.norm(x), "(n l) r d -> n l r d", n=n)
+        tokens = self.norm(x)
+        if self.config["state_values"]:
+            tokens = torch.cat([tokens, self.pointed_states(tokens, memory, pad, cond.flatten(0, 1))], dim=-1)
+        tokens = rearrange(tokens, "(n l) r d -> n l r d", n=n)
         kinds = len(self.detokenizer.kinds)
         return self.detokenizer(tokens[:, :, None].expand(-1, -1, kinds, -1, -1))
+
+    def pointed_states(self, tokens: Tensor, memory: Tensor, pad: Tensor, states: Tensor) -> Tensor:
+        """Each latent's attention mix of the raw states, each state L2-normalised: tokens [B, r, d],
+        memory [B, T, d], pad [B, T] (True = padding), states [B, T, H] -> [B, r, H] (zero for a
+        row without a real position)."""
+        scores = torch.einsum("brd,btd->brt", self.point_query(tokens), self.point_key(memory))
+        scores = scores.masked_fill(pad[:, None, :], torch.finfo(scores.dtype).min) / math.sqrt(tokens.shape[-1])
+        weights = torch.softmax(scores, dim=-1).masked_fill(pad[:, None, :], 0.0)
+        return torch.einsum("brt,bth->brh", weights, normalize(states, dim=-1))

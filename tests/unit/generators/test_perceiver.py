@@ -177,3 +177,44 @@ def test_tiny_senders_on_another_backbone_are_read_per_layer(qwen, tok):
     assert cond.shape[:2] == (4, 2) and cond.shape[-1] == 64
     assert torch.equal(cond[:2].abs().sum(-1) > 0, mask[:2, None].expand(-1, 2, -1))  # padding stays zero
     assert net(states).batch_size == 2
+
+
+def test_state_values_write_the_pointed_at_sender_states_into_b(qwen):
+    """B's columns are mixes of the sender's own (normalised) states at that layer, times the B scalars."""
+    spec = ReceiverSpec.from_model(qwen, ["down_proj"])
+    gen = make(spec, state_values=True, bias_delta=False)
+    cond, mask = condition()
+    assert all(torch.count_nonzero(b) == 0 for _, b in gen(cond, mask).values())  # zero-start scalars
+    with torch.no_grad():
+        gen.detokenizer.scale_b["down_proj"].fill_(1.0)
+        gen.point_key.weight.zero_()  # every real position weighs the same: B is the mean of the normalised states
+        out = gen(cond, mask)
+    unit = torch.nn.functional.normalize(cond, dim=-1)
+    for layer, name in enumerate(spec.module_names):
+        a, b = out[name]
+        assert a.shape == (3, 3, 128) and b.shape == (3, 64, 3)
+        for row in range(3):
+            mean = unit[row, layer, mask[row]].mean(0)
+            torch.testing.assert_close(b[row], mean[:, None].expand(-1, 3), atol=1e-6, rtol=1e-5)
+
+
+def test_state_values_change_with_the_sender_states_and_ignore_padding(qwen):
+    spec = ReceiverSpec.from_model(qwen, ["down_proj"])
+    gen = make(spec, state_values=True)
+    perturb(gen, seed=1, std=0.1)
+    cond, mask = condition()
+    padded = torch.cat([cond, torch.full((3, 2, 4, 64), 1e4)], dim=2)
+    padded_mask = torch.cat([mask, torch.zeros(3, 4, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        plain, right, other = gen(cond, mask), gen(padded, padded_mask), gen(condition(seed=1)[0], mask)
+    for name in spec.module_names:
+        torch.testing.assert_close(plain[name][1], right[name][1], atol=1e-5, rtol=0)
+        assert not torch.allclose(plain[name][1], other[name][1])
+
+
+def test_state_values_refuse_targets_off_the_residual_stream_and_no_scalars(qwen):
+    with pytest.raises(TargetError, match=r"generator.state_values writes the senders' states \(width 64\) into B, "
+                                          r"but up_proj do not write the residual stream"):
+        make(ReceiverSpec.from_model(qwen, ["down_proj", "up_proj"]), state_values=True)
+    with pytest.raises(RecipeError, match="generator.state_values: needs rank_scalars: true"):
+        make(ReceiverSpec.from_model(qwen, ["down_proj"]), state_values=True, rank_scalars=False)
