@@ -3,6 +3,7 @@
     python benchmarks/relay_probe.py states [RECIPE]             # is the asked value readable?
     python benchmarks/relay_probe.py loss RECIPE CHECKPOINT      # value vs other answer tokens
     python benchmarks/relay_probe.py read [RECIPE]               # the backbone reading documents
+    python benchmarks/relay_probe.py write [RECIPE]              # can a sender's state make it say the value?
 
 `states`: for the documents-format relay, takes every sender's hidden state at the last token of
 every fact's value (8 candidates per query: 4 facts in each of 2 documents) and fits a logistic
@@ -18,6 +19,12 @@ right under teacher forcing.
 `read`: the recipe's backbone as a single agent given the documents in its own prompt, greedy, on
 40 held-out queries: how often its reply contains the asked value, for the holder's document
 before or after the question, and for both documents.
+
+`write`: no training. What `generator.state_values` can do at best: the holder's own state
+entering layer L + 1 (at the token before the asked value, or at the value's last token) is
+added, times c, to the output of the receiver's layer-L `down_proj`, at every position or only
+where the receiver says the value. On 40 held-out queries, teacher-forced: how often every value
+token is then the receiver's top-1, and a value token's mean log-prob, against no write.
 """
 
 from __future__ import annotations
@@ -154,6 +161,75 @@ def read(recipe: str) -> None:
         print(f"{name}: {hits} of {len(examples)}", flush=True)
 
 
+def value_positions(tok, text: str, doc: str, answer: str) -> tuple[int, int]:
+    """Token positions in `text` of the token before `answer` (in `doc`) and of its last token."""
+    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    start = text.rindex(doc) + doc.index(f" {answer}.") + 1
+    first = min(i for i, (a, z) in enumerate(offsets) if z > start and a < z)
+    last = max(i for i, (a, z) in enumerate(offsets) if a < z <= start + len(answer))
+    return first - 1, last
+
+
+def write(recipe: str) -> None:
+    team = tflow.load(recipe)
+    splits = load_splits(team.recipe)
+    examples = splits.val[-40:]
+    tok, model = team.receiver.tokenizer, team.receiver.model
+    queries = [splits.task.prompt(ex) for ex in examples]
+    holders = [next(i for i, s in enumerate(team.senders) if s.name == ex.meta["holder"]) for ex in examples]
+    contexts = [[ex.contexts.get(s.name) for ex in examples] for s in team.senders]
+    with torch.no_grad():
+        hidden = encode(team.senders, queries, contexts).hidden  # [layers + 1, S * Q, T, H]
+    sources = {"before the value": [], "the value's last token": []}
+    for q, (ex, h) in enumerate(zip(examples, holders, strict=True)):
+        doc = ex.contexts[ex.meta["holder"]]
+        before, last = value_positions(tok, team.senders[h].prompt(queries[q], doc), doc, ex.answer)
+        sources["before the value"].append(hidden[:, h * len(examples) + q, before])
+        sources["the value's last token"].append(hidden[:, h * len(examples) + q, last])
+    prompts = [team.receiver.prompt(q) for q in queries]
+    targets = [splits.task.target(ex, team.recipe.data.fields.answer) for ex in examples]
+    ids, mask, _ = teacher_forced(tok, prompts, targets, 512)
+    answer = torch.zeros(ids.shape, dtype=torch.bool)  # positions whose logits predict a value token
+    for i, (prompt, target, ex) in enumerate(zip(prompts, targets, examples, strict=True)):
+        at = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        cut = target.index(ex.answer)
+        first = at + len(tok(target[:cut].rstrip(), add_special_tokens=False)["input_ids"])
+        last = at + len(tok(target[:cut + len(ex.answer)], add_special_tokens=False)["input_ids"])
+        answer[i, first - 1:last - 1] = True
+    labels = ids.roll(-1, 1)
+
+    def score() -> tuple[float, float]:
+        """(queries with every value token top-1, mean log-prob of a value token)."""
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        right = (logp.argmax(-1) == labels) | ~answer
+        return right.all(1).float().mean().item(), logp.gather(-1, labels[..., None])[..., 0][answer].mean().item()
+
+    top1, logp = score()
+    print(f"no write: every value token top-1 in {top1:.1%} of queries, mean log-prob {logp:.2f} a value token",
+          flush=True)
+    layers = model.model.layers
+    for name, states in sources.items():
+        states = torch.stack(states, 1)  # [layers + 1, Q, H]
+        for layer in range(3, len(layers), 5):
+            for where in ("every position", "the answer position"):
+                cells = []
+                for c in (0.5, 1.0, 2.0, 4.0):
+                    vector = states[layer + 1] * c
+                    on = mask.bool() if where == "every position" else answer
+
+                    def hook(module, args, output, vector=vector, on=on):
+                        return output + vector[:, None, :] * on[..., None]
+
+                    handle = layers[layer].mlp.down_proj.register_forward_hook(hook)
+                    try:
+                        top1, logp = score()
+                    finally:
+                        handle.remove()
+                    cells.append(f"c={c:g}: {top1:.0%} ({logp:.1f})")
+                print(f"{name}, layer {layer}, {where}: " + ", ".join(cells), flush=True)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     command, *args = sys.argv[1:] or ["states"]
@@ -161,6 +237,8 @@ if __name__ == "__main__":
         states(*(args or ["recipes/smollm2-relay.yaml"]))
     elif command == "loss" and len(args) == 2:
         loss(*args)
+    elif command == "write":
+        write(*(args or ["recipes/smollm2-relay.yaml"]))
     elif command == "read":
         read(*(args or ["recipes/smollm2-relay.yaml"]))
     else:

@@ -109,3 +109,18 @@ def test_zeroed_rows_patch_nothing_even_when_they_held_nan(qwen, tok):
     assert torch.equal(patched_logits[1], plain[1])
     assert torch.allclose(patched_logits[0], first_alone[0], atol=1e-5)
     assert zeroed.row_norms()[1] == 0 and torch.equal(zeroed.factors[name][0][0], delta.factors[name][0][0])
+
+
+def test_a_mean_of_more_ranks_than_the_module_is_wide_is_held_at_its_width():
+    """200 queries x rank 8 > min(in, out): the mean update itself, one factor the identity."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, 8, 24, generator=g), torch.randn(50, 16, 8, generator=g)
+    tall = LoRADelta({"m": (torch.randn(50, 8, 16, generator=g), torch.randn(50, 24, 8, generator=g))}, 0.5)
+    wide = LoRADelta({"m": (a, b)}, 0.5)  # out 16 < in 24; tall: out 24 > in 16
+    for delta, rank in ((wide, 16), (tall, 16)):
+        ma, mb = delta.mean().factors["m"]
+        da, db = delta.factors["m"]
+        assert ma.shape[:2] == (1, rank) and mb.shape[2] == rank
+        torch.testing.assert_close(mb[0] @ ma[0], (db @ da).mean(0), atol=1e-5, rtol=1e-5)
+    narrow = LoRADelta({"m": (a[:2], b[:2])}, 0.5).mean()  # 2 x 8 = 16 ranks: still concatenated
+    assert torch.equal(narrow.factors["m"][0][0], a[:2].reshape(16, 24))

@@ -108,10 +108,26 @@ def sender_deltas(senders: Sequence[Sender], receiver: Receiver, queries: Sequen
     return SenderDeltas(tuple(names), shares, refused, copy)
 
 
-def ablate(deltas: SenderDeltas, names: Sequence[str], *, seed: int = 0) -> dict[str, Delta]:
+@dataclass(frozen=True)
+class Reordered:
+    """`delta` with its rows in `order`, selected a batch at a time (`delta_rows`) instead of copied whole."""
+
+    delta: Delta
+    order: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.order)
+
+    def select(self, rows) -> Delta:
+        return self.delta.select(self.order[rows])
+
+
+def ablate(deltas: SenderDeltas, names: Sequence[str], *, seed: int = 0) -> dict[str, Delta | Reordered]:
     """The delta each ablation row answers with: {row: a row per query, or one row for all}.
 
-    Rows: `shuffled` (query i gets query order[i]'s delta, `derangement(n, seed)`), `static`
+    Rows: `shuffled` (query i gets query order[i]'s delta, `derangement(n, seed)`, as a
+    `Reordered` view that `delta_rows` selects a batch at a time), `static`
     (one row: the exact mean, `LoRADelta.mean`), `drop-sender:NAME` per sender (the other
     senders' shares only), `scale:0.5` and `scale:2`. They start from the applied deltas.
 
@@ -122,7 +138,7 @@ def ablate(deltas: SenderDeltas, names: Sequence[str], *, seed: int = 0) -> dict
     fused, rows = deltas.fused(), {}
     for name in names:
         if name == "shuffled":
-            rows[name] = fused.select(torch.tensor(derangement(deltas.num_queries, seed), device="cpu"))  # cpu: as the shares
+            rows[name] = Reordered(fused, torch.tensor(derangement(deltas.num_queries, seed), device="cpu"))  # cpu: as the shares
         elif name == "static":
             rows[name] = fused.mean()
         elif name == "drop-sender":
@@ -228,7 +244,7 @@ def summarize(deltas: SenderDeltas, receiver: Receiver) -> dict:
     spec, max_delta_norm = receiver.generator.spec, receiver.generator.max_delta_norm
     fused = deltas.fused()
     keep = ~deltas.refused
-    applied = fused.select(keep)
+    applied = fused.select(keep) if deltas.refused.any() else fused
     nonzero = torch.nonzero(applied.row_norms() > 0).flatten()[:COSINE_QUERIES]
     cosine = None
     if len(nonzero) >= 2:
@@ -261,7 +277,7 @@ def _quantiles(values: Tensor) -> dict[str, float]:
 
 
 
-def delta_rows(delta: Delta, rows: slice) -> Delta:
+def delta_rows(delta: Delta | Reordered, rows: slice) -> Delta:
     """The delta rows of the queries in `rows` (a one-row delta serves them all)."""
     return delta if delta.batch_size == 1 else delta.select(rows)
 
