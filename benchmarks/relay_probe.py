@@ -105,6 +105,18 @@ def states(recipe: str) -> None:
         print(f"  {name}: {probe_hits(train, test, feature)}", flush=True)
 
 
+def value_tokens(tok, prompts, targets, examples, shape) -> torch.Tensor:
+    """[rows, T] bool: the positions of each teacher-forced row (prompt + target) that hold its value's tokens."""
+    value = torch.zeros(shape, dtype=torch.bool)
+    for i, (prompt, target, ex) in enumerate(zip(prompts, targets, examples, strict=True)):
+        at = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        cut = target.index(ex.answer)
+        first = at + len(tok(target[:cut].rstrip(), add_special_tokens=False)["input_ids"])
+        last = at + len(tok(target[:cut + len(ex.answer)], add_special_tokens=False)["input_ids"])
+        value[i, first:last] = True
+    return value
+
+
 def loss(recipe: str, checkpoint: str) -> None:
     team = tflow.load(recipe, checkpoint)
     splits = load_splits(team.recipe)
@@ -115,13 +127,7 @@ def loss(recipe: str, checkpoint: str) -> None:
     prompts = [team.receiver.prompt(q) for q in queries]
     targets = [splits.task.target(ex, team.recipe.data.fields.answer) for ex in examples]
     ids, mask, labels = teacher_forced(tok, prompts, targets, 512)
-    value = torch.zeros_like(labels, dtype=torch.bool)
-    for i, (prompt, target, ex) in enumerate(zip(prompts, targets, examples, strict=True)):
-        at = len(tok(prompt, add_special_tokens=False)["input_ids"])
-        cut = target.index(ex.answer)
-        first = at + len(tok(target[:cut].rstrip(), add_special_tokens=False)["input_ids"])
-        last = at + len(tok(target[:cut + len(ex.answer)], add_special_tokens=False)["input_ids"])
-        value[i, first:last] = True
+    value = value_tokens(tok, prompts, targets, examples, labels.shape)
     with torch.no_grad():
         delta = team.receiver.generator(encode(team.senders, queries, contexts))
         with patched(team.receiver.model, delta, validate=False):
@@ -189,13 +195,7 @@ def write(recipe: str) -> None:
     prompts = [team.receiver.prompt(q) for q in queries]
     targets = [splits.task.target(ex, team.recipe.data.fields.answer) for ex in examples]
     ids, mask, _ = teacher_forced(tok, prompts, targets, 512)
-    answer = torch.zeros(ids.shape, dtype=torch.bool)  # positions whose logits predict a value token
-    for i, (prompt, target, ex) in enumerate(zip(prompts, targets, examples, strict=True)):
-        at = len(tok(prompt, add_special_tokens=False)["input_ids"])
-        cut = target.index(ex.answer)
-        first = at + len(tok(target[:cut].rstrip(), add_special_tokens=False)["input_ids"])
-        last = at + len(tok(target[:cut + len(ex.answer)], add_special_tokens=False)["input_ids"])
-        answer[i, first - 1:last - 1] = True
+    answer = value_tokens(tok, prompts, targets, examples, ids.shape).roll(-1, 1)  # positions that predict one
     labels = ids.roll(-1, 1)
 
     def score() -> tuple[float, float]:
@@ -214,9 +214,9 @@ def write(recipe: str) -> None:
         for layer in range(3, len(layers), 5):
             for where in ("every position", "the answer position"):
                 cells = []
+                on = mask.bool() if where == "every position" else answer
                 for c in (0.5, 1.0, 2.0, 4.0):
                     vector = states[layer + 1] * c
-                    on = mask.bool() if where == "every position" else answer
 
                     def hook(module, args, output, vector=vector, on=on):
                         return output + vector[:, None, :] * on[..., None]

@@ -113,10 +113,9 @@ class RankHead(SlotHead):
             tokens, b = tokens.split([tokens.shape[-1] - o, o], dim=-1)
             b = rearrange(b, "n l r o -> l n r o")
         latents = normalize(tokens, dim=-1) if self.normalize_rank else tokens
-        if self.state_values:
-            a = torch.einsum("nlrd,ldf->lnrf", latents, self.weight[kind])
-        else:
-            a, b = torch.einsum("nlrd,ldf->lnrf", latents, self.weight[kind]).split([i, o], dim=-1)
+        a = torch.einsum("nlrd,ldf->lnrf", latents, self.weight[kind])  # A rows (and B rows without state_values)
+        if not self.state_values:
+            a, b = a.split([i, o], dim=-1)
         if kind in self.scale_a:
             a = a * self.scale_a[kind][:, None, :, None]
             b = b * self.scale_b[kind][:, None, :, None]

@@ -76,15 +76,12 @@ class _Factors:
         if a.dtype != output.dtype:  # autocast, or a module whose weight is not its compute dtype
             a, b_t = a.to(output.dtype), b_t.to(output.dtype)
         x = x if x.dtype == a.dtype else x.to(a.dtype)
-        h = torch.bmm(x, a.mT) if self.rows == x.shape[0] else torch.matmul(x, a[0].mT)
+        shared = self.rows != x.shape[0]
+        h = torch.matmul(x, a[0].mT) if shared else torch.bmm(x, a.mT)
         if isinstance(b_t, OneHotColumns):
             return b_t.add_product(output, h, self.scale)
-        if self.rows != x.shape[0]:
-            flat = output.view(-1, output.shape[-1])
-            if torch.is_grad_enabled():
-                return torch.addmm(flat, h.flatten(0, 1), b_t[0], alpha=self.scale).view_as(output)
-            flat.addmm_(h.flatten(0, 1), b_t[0], alpha=self.scale)
-            return output
+        if shared:
+            return _add_flat(output, h.flatten(0, 1), b_t[0], self.scale)
         if torch.is_grad_enabled():
             return torch.baddbmm(output, h, b_t, alpha=self.scale)
         return output.baddbmm_(h, b_t, alpha=self.scale)  # nothing records the fresh output: spare a copy
@@ -126,11 +123,17 @@ class _BasisFactors:
         if u.dtype != output.dtype:
             u, v_t, m_t = u.to(output.dtype), v_t.to(output.dtype), m_t.to(output.dtype)
         h = torch.bmm(torch.matmul(x if x.dtype == u.dtype else x.to(u.dtype), u.T), m_t).flatten(0, 1)
-        flat = output.view(-1, output.shape[-1])
-        if torch.is_grad_enabled():
-            return torch.addmm(flat, h, v_t, alpha=self.scale).view_as(output)
-        flat.addmm_(h, v_t, alpha=self.scale)
-        return output
+        return _add_flat(output, h, v_t, self.scale)
+
+
+def _add_flat(output: Tensor, h: Tensor, weight: Tensor, scale: float) -> Tensor:
+    """output + scale * h @ weight over every token of every row at once; h: [rows * T, k],
+    weight: [k, out], output: [rows, T, out]; in place when no gradient is recorded."""
+    flat = output.view(-1, output.shape[-1])
+    if torch.is_grad_enabled():
+        return torch.addmm(flat, h, weight, alpha=scale).view_as(output)
+    flat.addmm_(h, weight, alpha=scale)
+    return output
 
 
 class _Slot:
