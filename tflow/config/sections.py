@@ -254,6 +254,10 @@ class TrainSection(Section):
     """Validate every this many optimizer steps."""
     val_batches: int | None = Field(None, gt=0)
     """Validate on the first this many batches only; null: the whole validation split."""
+    val_answers: int = Field(0, ge=0)
+    """At each validation (and at step 0) the channel also answers the first this many validation
+    queries, greedily with the recipe's `generate` settings, and `val_accuracy` is logged beside
+    val_loss; 0: no answers, loss only."""
     log_every: int = Field(10, gt=0)
     """Log metrics every this many optimizer steps."""
     logger: Literal["csv", "tensorboard", "wandb"] = "csv"

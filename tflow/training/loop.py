@@ -29,6 +29,7 @@ from tflow.io import atomic_write, atomic_write_text, exclusive, writable_dir
 from tflow.team import Team, load
 from tflow.training import teacher
 from tflow.training.data import load_splits
+from tflow.training.val_accuracy import ValAccuracy
 
 LIGHTNING_DIR = "lightning"
 QUIET_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric")
@@ -178,6 +179,8 @@ def _fit(recipe, logs: Path, resume: bool, progress: bool, callbacks) -> TrainRe
     L.seed_everything(recipe.seed, verbose=False)
     splits = load_splits(recipe)  # data problems surface before any weights load
     teacher.check(recipe, splits)  # and a distillation teacher's
+    if cfg.val_answers:
+        callbacks = [*callbacks, ValAccuracy(cfg.channel, splits.val[:cfg.val_answers], cfg.batch_size)]
     trainer = _trainer(recipe, logs, progress, callbacks)  # and device problems
     team = load(recipe)
     splits = teacher.prepare(team, splits)  # a distillation objective's teacher, scored once

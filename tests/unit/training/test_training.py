@@ -12,7 +12,9 @@ import tflow
 from tflow.channels.weights import part as weights_part
 from tflow.config.recipe import load_recipe
 from tflow.errors import CheckpointError, OutputError
+from tflow.evaluation.evaluate import evaluate
 from tflow.io import exclusive
+from tflow.training.data import load_splits
 from tflow.training.loop import train
 
 RECIPE = "recipes/tiny.yaml"
@@ -26,7 +28,7 @@ def recipe(tmp, *extra):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
-    return recipe(tmp), train(recipe(tmp), progress=False)
+    return recipe(tmp, "train.val_answers=16"), train(recipe(tmp, "train.val_answers=16"), progress=False)
 
 
 def val_losses(out_dir):
@@ -42,6 +44,15 @@ def test_val_loss_falls_on_held_out_split(trained):
     assert losses[-1][1] < losses[0][1] - 0.1, losses
     names = {r for r in csv.DictReader(open(result.out_dir / "metrics.csv")).fieldnames}
     assert {"train_loss", "val_loss"} <= names
+
+
+def test_val_accuracy_is_the_trained_channels_accuracy_on_the_first_val_queries(trained):
+    rec, result = trained
+    rows = [r for r in csv.DictReader(open(result.out_dir / "metrics.csv")) if r["val_accuracy"]]
+    assert [int(r["step"]) for r in rows] == [step for step, _ in val_losses(result.out_dir)]  # every validation
+    splits = load_splits(rec)
+    again = evaluate(result.team, splits.task, splits.val[:16], "weights")  # the part as step 40 left it
+    assert float(rows[-1]["val_accuracy"]) == pytest.approx(again.channels["weights"].accuracy)
 
 
 def test_checkpoint_holds_only_generator_and_loads_to_same_answers(trained):

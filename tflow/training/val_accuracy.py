@@ -1,0 +1,33 @@
+"""Validation accuracy during training (`train.val_answers`): after each validation the channel
+answers the first validation queries with its part as it stands, and `val_accuracy` is logged
+beside val_loss, so a run's curve shows when it starts to carry the answer, not only its loss."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+
+from tflow.tasks.base import Example
+
+
+class ValAccuracy(L.Callback):
+    """Logs `val_accuracy`: the share of `examples` the trained channel answers right (greedy, the
+    recipe's `generate` settings, batches of `batch_size`) at each validation, step 0 included."""
+
+    def __init__(self, channel: str, examples: Sequence[Example], batch_size: int):
+        self.channel, self.examples, self.batch_size = channel, list(examples), batch_size
+
+    def on_validation_epoch_end(self, trainer, module) -> None:
+        if trainer.sanity_checking or not self.examples:
+            return
+        team, task = module.team, module.task
+        right = 0
+        with torch.no_grad():
+            for start in range(0, len(self.examples), self.batch_size):
+                batch = self.examples[start:start + self.batch_size]
+                replies = team.communicate([task.prompt(ex) for ex in batch], channel=self.channel,
+                                           contexts=[ex.contexts for ex in batch])
+                right += sum(task.score(reply.text, ex) for reply, ex in zip(replies, batch, strict=True))
+        module.log("val_accuracy", right / len(self.examples), batch_size=len(self.examples))
