@@ -1,4 +1,5 @@
-"""`tflow ask`, `tflow eval` and `tflow aggregate`: answer one question, compare channels, pool seeds."""
+"""`tflow ask`, `tflow eval`, `tflow aggregate` and `tflow curves`: answer one question, compare channels,
+pool seeds, plot training runs."""
 
 from pathlib import Path
 from typing import Annotated
@@ -180,3 +181,27 @@ def aggregate(
     typer.echo(render_table(summary))
     for file in AGGREGATE_FILES:
         typer.echo(f"wrote {out / file}")
+
+
+@command()
+def curves(
+    runs: Annotated[list[Path], typer.Argument(
+        metavar="RUN_DIR", show_default=False,
+        help="Training runs: a metrics.csv or its folder (train.out_dir; <channel>-run for kv, latent, controls).")],
+    metric: Annotated[str, typer.Option(help="The logged column to plot against step.")] = "val_accuracy",
+    label: Annotated[list[str] | None, typer.Option(
+        help="A legend label per run, in order (repeat the option); default: each run's folder name.")] = None,
+    title: Annotated[str | None, typer.Option(help="The plot's title; default: the metric.")] = None,
+    out: Annotated[Path, typer.Option(help="The png to write.")] = Path("runs/curves.png"),
+) -> None:
+    """Plot one metric of several training runs against step, and print first, last and best.
+
+    val_accuracy is logged by runs trained with train.val_answers > 0; val_loss by every run.
+    """
+    from tflow.evaluation.curves import labels_for, read_curve, table, write_plot
+
+    names = labels_for(runs, label)
+    drawn = {name: read_curve(run, metric) for name, run in zip(names, runs, strict=True)}
+    write_plot(drawn, metric, out, title)
+    typer.echo(table(drawn, metric))
+    typer.echo(f"wrote {out}")
