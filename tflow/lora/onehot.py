@@ -143,13 +143,15 @@ def gram(b: Tensor | OneHotColumns) -> Tensor:
     return b.mT @ b
 
 
-def flat_columns_gram(b: Tensor | OneHotColumns) -> Tensor:
-    """The Gram matrix of every row's every column, [batch * rank, batch * rank] (row-major)."""
+def flat_columns_gram(b: Tensor | OneHotColumns, rows: slice = slice(None)) -> Tensor:
+    """The Gram matrix of the columns of the batch rows `rows` against every row's every column,
+    [len(rows) * rank, batch * rank] (row-major); all rows: the whole Gram matrix."""
     if isinstance(b, OneHotColumns):
         ids, values = b.ids.reshape(-1), b.values.reshape(-1)
-        return (ids[:, None] == ids[None, :]) * (values[:, None] * values[None, :])
+        some_ids, some_values = b.ids[rows].reshape(-1), b.values[rows].reshape(-1)
+        return (some_ids[:, None] == ids[None, :]) * (some_values[:, None] * values[None, :])
     columns = b.mT.reshape(-1, b.shape[1])
-    return columns @ columns.T
+    return b[rows].mT.reshape(-1, b.shape[1]) @ columns.T
 
 
 def columns_as_one_row(b: Tensor | OneHotColumns) -> Tensor | OneHotColumns:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tflow import LoRADelta, patched
+from tflow.channels.weights import diagnostics
 from tflow.channels.weights.diagnostics import _gram
 from tflow.errors import DeltaError
 from tflow.lora.onehot import OneHotColumns, dense
@@ -36,6 +37,16 @@ def test_patched_logits_norms_and_sizes_equal_the_dense_delta(qwen):
     assert (sparse.num_bytes, full.num_bytes) == (a_bytes + 3 * 5 * (8 + 4), a_bytes + 3 * VOCAB * 5 * 4)
     beams = torch.cat([ids, ids]).reshape(2, 3, 7).transpose(0, 1).reshape(6, 7)  # each row twice in place
     assert torch.allclose(lm_logits(qwen, sparse, beams), lm_logits(qwen, full, beams), atol=1e-5)
+
+
+def test_gram_in_blocks_of_one_row_equals_the_whole_matrix(monkeypatch):
+    sparse, full = one_hot_delta(batch=5, rank=4, seed=3)
+    whole = _gram(full)
+    monkeypatch.setattr(diagnostics, "GRAM_BLOCK_ELEMENTS", 1)  # one row of queries per block
+    assert torch.allclose(_gram(full), whole, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(_gram(sparse), whole, rtol=1e-4, atol=1e-6)
+    monkeypatch.setattr(diagnostics, "GRAM_BLOCK_ELEMENTS", 2 * 4 * 5 * 4)  # two rows, then one
+    assert torch.allclose(_gram(sparse), whole, rtol=1e-4, atol=1e-6)
 
 
 def test_every_delta_operation_keeps_it_equal_to_the_dense_one(qwen):

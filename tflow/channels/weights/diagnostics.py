@@ -39,6 +39,7 @@ from tflow.lora.onehot import flat_columns_gram
 SCALES = (0.5, 2.0)
 COSINE_QUERIES = 256  # the cosine matrix is over the first this many applied deltas
 HISTOGRAM_BINS = 40
+GRAM_BLOCK_ELEMENTS = 2 ** 24  # the most entries of one module's column-Gram block `_gram` holds at once
 NO_COPY_HEAD = ("copy-head and trunk split a delta into its copy head and the rest; this generator has no copy "
                 "head (generator.copy_head: false)")
 
@@ -217,7 +218,13 @@ def _gram(delta: Delta) -> Tensor:
         a, b = a.detach().float().cpu(), b.detach().float().cpu()
         r = a.shape[1]
         rows_a = a.reshape(n * r, -1)
-        gram += ((rows_a @ rows_a.T).reshape(n, r, n, r) * flat_columns_gram(b).reshape(n, r, n, r)).sum((1, 3))
+        # [c * r, n * r] blocks of c rows at a time: a copy head's rank is its sender's length, and
+        # the whole (n r)^2 matrix of 200 queries would take gigabytes
+        c = max(1, GRAM_BLOCK_ELEMENTS // (r * n * r))
+        for i in range(0, n, c):
+            rows = slice(i, min(i + c, n))
+            block = rows_a[rows.start * r:rows.stop * r] @ rows_a.T
+            gram[rows] += (block * flat_columns_gram(b, rows)).reshape(-1, r, n, r).sum((1, 3))
     return gram
 
 
