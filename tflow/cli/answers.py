@@ -1,5 +1,5 @@
-"""`tflow ask`, `tflow eval`, `tflow aggregate` and `tflow curves`: answer one question, compare channels,
-pool seeds, plot training runs."""
+"""`tflow ask`, `tflow eval`, `tflow aggregate`, `tflow paired` and `tflow curves`: answer one question,
+compare channels, pool seeds, pair channels of different evals, plot training runs."""
 
 from pathlib import Path
 from typing import Annotated
@@ -181,6 +181,24 @@ def aggregate(
     typer.echo(render_table(summary))
     for file in AGGREGATE_FILES:
         typer.echo(f"wrote {out / file}")
+
+
+@command()
+def paired(
+    rows: Annotated[list[str], typer.Argument(
+        metavar="RUN_DIR:CHANNEL", show_default=False,
+        help="Channels of tflow eval runs (the --out folder, a colon, a channel or ablation row such as "
+             "weights/shuffled); the first is compared with every other.")],
+) -> None:
+    """Paired differences between channels of different evals on the same queries.
+
+    Each line is the first row's accuracy minus another's, with a paired bootstrap interval. Rows
+    of another task, split or set of queries are refused, naming the difference.
+    """
+    from tflow.evaluation.paired import paired as pair
+    from tflow.evaluation.paired import table
+
+    typer.echo(table(pair(rows[0], rows[1:])))
 
 
 @command()
