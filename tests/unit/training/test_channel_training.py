@@ -27,7 +27,8 @@ def recipe(tmp, *extra):
 def trained(tmp_path_factory):
     """kv then latent trained into one folder: (tmp, {channel: TrainResult})."""
     tmp = tmp_path_factory.mktemp("channels")
-    return tmp, {c: train(recipe(tmp, f"train.channel={c}"), progress=False) for c in ("kv", "latent")}
+    return tmp, {c: train(recipe(tmp, f"train.channel={c}", "train.val_answers=4"), progress=False)
+                 for c in ("kv", "latent")}
 
 
 def val_losses(path):
@@ -44,6 +45,9 @@ def test_both_channels_learn_and_keep_their_own_logs_in_one_folder(trained):
         losses = val_losses(out / f"{channel}-run" / "metrics.csv")
         assert len(losses) == 4 and losses[-1] < losses[0] - 0.05, (channel, losses)
         assert (out / f"{channel}-run" / "lightning" / "last.ckpt").is_file()
+        accuracy = [r["val_accuracy"] for r in csv.DictReader(open(out / f"{channel}-run" / "metrics.csv"))
+                    if r["val_loss"]]
+        assert len(accuracy) == 4 and all(a != "" and 0 <= float(a) <= 1 for a in accuracy)  # trains on after answering
     assert not (out / "generator.safetensors").exists()
 
 
