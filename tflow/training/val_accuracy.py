@@ -30,4 +30,5 @@ class ValAccuracy(L.Callback):
                 replies = team.communicate([task.prompt(ex) for ex in batch], channel=self.channel,
                                            contexts=[ex.contexts for ex in batch])
                 right += sum(task.score(reply.text, ex) for reply, ex in zip(replies, batch, strict=True))
-        module.log("val_accuracy", right / len(self.examples), batch_size=len(self.examples))
+        # every process answers the same queries, so the mean over processes is that same value
+        module.log("val_accuracy", right / len(self.examples), batch_size=len(self.examples), sync_dist=True)

@@ -24,8 +24,8 @@ class Module:
         self.team, self.logged = Team(), []
         self.task = SimpleNamespace(prompt=lambda ex: ex.question, score=lambda reply, ex: float(reply == ex.answer))
 
-    def log(self, name, value, batch_size):
-        self.logged.append((name, value, batch_size))
+    def log(self, name, value, batch_size, sync_dist):
+        self.logged.append((name, value, batch_size, sync_dist))
 
 
 def examples(n):
@@ -35,7 +35,7 @@ def examples(n):
 def test_logs_the_share_answered_right_in_batches():
     module = Module()
     ValAccuracy("kv", examples(7), batch_size=3).on_validation_epoch_end(SimpleNamespace(sanity_checking=False), module)
-    assert module.logged == [("val_accuracy", pytest.approx(4 / 7), 7)]  # 0, 2, 4, 6 of 0..6
+    assert module.logged == [("val_accuracy", pytest.approx(4 / 7), 7, True)]  # 0, 2, 4, 6 of 0..6
     assert module.team.calls == [("kv", 3), ("kv", 3), ("kv", 1)]
 
 
