@@ -199,8 +199,8 @@ def evaluate(team: Team, task: Task, examples: Sequence[Example], channels: str 
             record = registry.get(channel)
             if record.part is not None and record.part.compare_untrained and not record.untrained(team.receiver):
                 with untrained(team.receiver, channel):  # the trained control's untrained row beside it
-                    result.channels[f"{channel}{UNTRAINED}"] = _run(team, task, examples, channel, batch_size, bar)
-            result.channels[channel] = _run(team, task, examples, channel, batch_size, bar)
+                    result.channels[f"{channel}{UNTRAINED}"] = run_channel(team, task, examples, channel, batch_size, bar)
+            result.channels[channel] = run_channel(team, task, examples, channel, batch_size, bar)
         add_checks(result, team, task, examples, chosen, batch_size, bar)
     return result
 
@@ -261,15 +261,17 @@ def add_checks(result: EvalResult, team: Team, task: Task, examples: Sequence[Ex
             result.diagnostics[channel] = checks.summarize(messages, team.receiver)
         if chosen:
             rows = checks.ablate(messages, [n for n in chosen if n in checks.names])
-            result.ablations[channel] = {row: _run(team, task, examples, channel, batch_size, bar, (row, m))
+            result.ablations[channel] = {row: run_channel(team, task, examples, channel, batch_size, bar, (row, m))
                                          for row, m in rows.items()}
             _score_donors(result.ablations[channel].get("shuffled"), task, examples)
 
 
-def _run(team: Team, task: Task, examples: Sequence[Example], channel: str, batch_size: int, bar,
-         ablation: tuple[str, object] | None = None) -> ChannelResult:
-    """One channel over every example in batched calls; `ablation` = (row, messages over all examples)
-    answers with those messages instead of the channel's own."""
+def run_channel(team: Team, task: Task, examples: Sequence[Example], channel: str, batch_size: int,
+                bar: Progress | None = None, ablation: tuple[str, object] | None = None) -> ChannelResult:
+    """One channel over every example in batched calls, scored; `bar` shows its progress (none
+    shown without one); `ablation` = (row, messages over all examples) answers with those messages
+    instead of the channel's own."""
+    bar = bar if bar is not None else progress_bar(False)
     result = ChannelResult(channel, team.label(channel))
     label = result.label if ablation is None else f"{channel} · {ablation[0]}"
     job = bar.add_task(f"{task.name} · {label}", total=len(examples))

@@ -23,7 +23,6 @@ from tflow.evaluation.stats import LEVEL, RESAMPLES, paired_difference
 class Row:
     """One channel of one eval: its verdicts in query order, and what they were asked."""
 
-    spec: str
     task: str
     split: str
     questions: list[str]
@@ -52,7 +51,7 @@ def read_row(spec: str) -> Row:
     if not mine:
         ran = ", ".join(dict.fromkeys(r["channel"] for r in rows))
         raise AggregateError(f"{spec}: the eval in {run} ran no channel {channel!r}; it ran {ran}")
-    return Row(spec, report["task"], report["provenance"]["split"], [r["question"] for r in mine],
+    return Row(report["task"], report["provenance"]["split"], [r["question"] for r in mine],
                [bool(r["correct"]) for r in mine])
 
 

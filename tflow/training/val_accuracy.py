@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 
+from tflow.evaluation.evaluate import run_channel
 from tflow.tasks.base import Example
 
 
@@ -22,13 +23,7 @@ class ValAccuracy(L.Callback):
     def on_validation_epoch_end(self, trainer, module) -> None:
         if trainer.sanity_checking or not self.examples:
             return
-        team, task = module.team, module.task
-        right = 0
         with torch.no_grad():
-            for start in range(0, len(self.examples), self.batch_size):
-                batch = self.examples[start:start + self.batch_size]
-                replies = team.communicate([task.prompt(ex) for ex in batch], channel=self.channel,
-                                           contexts=[ex.contexts for ex in batch])
-                right += sum(task.score(reply.text, ex) for reply, ex in zip(replies, batch, strict=True))
+            result = run_channel(module.team, module.task, self.examples, self.channel, self.batch_size)
         # every process answers the same queries, so the mean over processes is that same value
-        module.log("val_accuracy", right / len(self.examples), batch_size=len(self.examples), sync_dist=True)
+        module.log("val_accuracy", result.accuracy, batch_size=len(self.examples), sync_dist=True)
