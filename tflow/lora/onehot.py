@@ -143,6 +143,16 @@ def gram(b: Tensor | OneHotColumns) -> Tensor:
     return b.mT @ b
 
 
+def product(a: Tensor, b: Tensor | OneHotColumns) -> Tensor:
+    """B A per row, [batch, out, in]; a one-hot B's ranks each add their A row, times their value,
+    onto their id's row, so B is never made dense."""
+    if not isinstance(b, OneHotColumns):
+        return b @ a
+    votes = b.values[:, :, None] * a  # [batch, rank, in]
+    index = b.ids[:, :, None].expand(-1, -1, a.shape[2])
+    return a.new_zeros(a.shape[0], b.out, a.shape[2]).scatter_add_(1, index, votes)
+
+
 def flat_columns_gram(b: Tensor | OneHotColumns, rows: slice = slice(None)) -> Tensor:
     """The Gram matrix of the columns of the batch rows `rows` against every row's every column,
     [len(rows) * rank, batch * rank] (row-major); all rows: the whole Gram matrix."""

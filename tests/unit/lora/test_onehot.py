@@ -49,6 +49,19 @@ def test_gram_in_blocks_of_one_row_equals_the_whole_matrix(monkeypatch):
     assert torch.allclose(_gram(sparse), whole, rtol=1e-4, atol=1e-6)
 
 
+def test_norms_past_the_gram_size_come_from_the_update_and_equal_the_dense_ones():
+    # 40 queries x rank 5: the static mean's one-hot B has rank 200, and 200² > 64 * 512, so its
+    # norm is taken from B A, not from a 200 x 200 Gram; the dense mean is held at rank 64.
+    sparse, full = one_hot_delta(batch=40, rank=5, seed=4)
+    mean = sparse.mean()
+    a, b = mean.factors["lm_head"]
+    assert a.shape[1] ** 2 > 64 * VOCAB and isinstance(b, OneHotColumns)
+    expected = (dense(b) @ a).square().sum((1, 2)).sqrt() * abs(mean.scale)
+    assert torch.allclose(mean.row_norms(), expected, rtol=1e-5)
+    assert torch.allclose(mean.row_norms(), full.mean().row_norms(), rtol=1e-4)
+    assert torch.allclose(sparse.row_norms(), full.row_norms(), rtol=1e-5)
+
+
 def test_every_delta_operation_keeps_it_equal_to_the_dense_one(qwen):
     sparse, full = one_hot_delta()
     other_sparse, other_full = one_hot_delta(rank=2, seed=2)
