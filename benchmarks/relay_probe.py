@@ -4,6 +4,7 @@
     python benchmarks/relay_probe.py loss RECIPE CHECKPOINT      # value vs other answer tokens
     python benchmarks/relay_probe.py read [RECIPE]               # the backbone reading documents
     python benchmarks/relay_probe.py write [RECIPE]              # can a sender's state make it say the value?
+    python benchmarks/relay_probe.py article CHECKPOINT [N]      # category task: why never "an animal"?
 
 `states`: for the documents-format relay, takes every sender's hidden state at the last token of
 every fact's value (8 candidates per query: 4 facts in each of 2 documents) and fits a logistic
@@ -25,6 +26,11 @@ entering layer L + 1 (at the token before the asked value, or at the value's las
 added, times c, to the output of the receiver's layer-L `down_proj`, at every position or only
 where the receiver says the value. On 40 held-out queries, teacher-forced: how often every value
 token is then the receiver's top-1, and a value token's mean log-prob, against no write.
+
+`article`: for a checkpoint trained on the category task, on the first N (200) validation
+queries, with the generated delta and with none: per gold category, how often the four full
+answer sentences ("... is an animal.", "... is a fruit.", ...), scored by summed log-prob, pick
+the right one, and the mean probability of " an" and of " a" at the article.
 """
 
 from __future__ import annotations
@@ -230,6 +236,48 @@ def write(recipe: str) -> None:
                 print(f"{name}, layer {layer}, {where}: " + ", ".join(cells), flush=True)
 
 
+def article(checkpoint: str, n: str = "200") -> None:
+    from tflow.tasks.relay import CATEGORIES, CATEGORY_ANSWER, _article
+
+    team = tflow.load(f"{checkpoint}/recipe.yaml", checkpoint=checkpoint)
+    splits = load_splits(team.recipe)
+    task, receiver, tok = splits.task, team.receiver, team.receiver.tokenizer
+    (an,), (a,) = tok.encode(" an"), tok.encode(" a")
+    rows = {"weights": [], "none": []}  # (gold, forced choice, p(an), p(a)) per query
+    examples = splits.val[: int(n)]
+    for b in range(0, len(examples), 8):
+        chunk = examples[b:b + 8]
+        queries = [task.prompt(ex) for ex in chunk]
+        prompts = [receiver.prompt(q) for q in queries]
+        with torch.no_grad():
+            delta = receiver.generator(encode(team.senders, queries, [[ex.contexts.get(s.name) for ex in chunk]
+                                                                       for s in team.senders]))
+            for mode, given in (("weights", delta), ("none", None)):
+                scores = []
+                for category in CATEGORIES:
+                    targets = [CATEGORY_ANSWER.format(entity=ex.meta["entity"], category=_article(category))
+                               for ex in chunk]
+                    ids, mask, labels = teacher_forced(tok, prompts, targets, team.recipe.train.max_length)
+                    if given is None:
+                        logits = receiver.model(input_ids=ids, attention_mask=mask).logits
+                    else:
+                        with patched(receiver.model, given, validate=False):
+                            logits = receiver.model(input_ids=ids, attention_mask=mask).logits
+                    logp, labels = torch.log_softmax(logits[:, :-1].float(), -1), labels[:, 1:]
+                    scores.append((logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)).sum(1))
+                    if category == "animal":  # the position whose label is " an": the article
+                        at = logp[torch.arange(len(chunk)), (labels == an).float().argmax(1)].exp()
+                choice = torch.stack(scores, 1).argmax(1)
+                rows[mode] += [(ex.answer, list(CATEGORIES)[int(c)], float(at[i, an]), float(at[i, a]))
+                               for i, (ex, c) in enumerate(zip(chunk, choice))]
+    for mode, got in rows.items():
+        print(f"{mode}: forced choice {sum(g == c for g, c, _, _ in got)} of {len(got)}")
+        for category in CATEGORIES:
+            some = [r for r in got if r[0] == category]
+            print(f"  {category}: right {sum(g == c for g, c, _, _ in some)} of {len(some)}, "
+                  f"p(' an') {sum(r[2] for r in some) / len(some):.3f}, p(' a') {sum(r[3] for r in some) / len(some):.3f}")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     command, *args = sys.argv[1:] or ["states"]
@@ -241,5 +289,7 @@ if __name__ == "__main__":
         write(*(args or ["recipes/smollm2-relay.yaml"]))
     elif command == "read":
         read(*(args or ["recipes/smollm2-relay.yaml"]))
+    elif command == "article" and args:
+        article(*args)
     else:
         sys.exit(__doc__.split("\n\n")[1])
