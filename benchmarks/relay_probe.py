@@ -36,6 +36,7 @@ the right one, and the mean probability of " an" and of " a" at the article.
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 
 import torch
 
@@ -43,6 +44,16 @@ import tflow
 from tflow.agents.encoding import encode
 from tflow.lora.patching import patched
 from tflow.training.data import load_splits, teacher_forced
+
+
+def answer_logprobs(team, prompts, targets, delta=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The receiver teacher-forced on prompt + target, with `delta` patched in (None: plain): the
+    log-probs of each next token [N, T - 1, V] and the labels they predict [N, T - 1] (-100 off the target)."""
+    model = team.receiver.model
+    ids, mask, labels = teacher_forced(team.receiver.tokenizer, prompts, targets, team.recipe.train.max_length)
+    with torch.no_grad(), patched(model, delta, validate=False) if delta is not None else nullcontext():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    return torch.log_softmax(logits[:, :-1].float(), -1), labels[:, 1:]
 
 
 def value_states(team, task, examples) -> list[list[tuple[torch.Tensor, bool]]]:
@@ -132,14 +143,10 @@ def loss(recipe: str, checkpoint: str) -> None:
     contexts = [[ex.contexts.get(s.name) for ex in examples] for s in team.senders]
     prompts = [team.receiver.prompt(q) for q in queries]
     targets = [splits.task.target(ex, team.recipe.data.fields.answer) for ex in examples]
-    ids, mask, labels = teacher_forced(tok, prompts, targets, 512)
-    value = value_tokens(tok, prompts, targets, examples, labels.shape)
     with torch.no_grad():
         delta = team.receiver.generator(encode(team.senders, queries, contexts))
-        with patched(team.receiver.model, delta, validate=False):
-            logits = team.receiver.model(input_ids=ids, attention_mask=mask).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), -1)
-    labels, value = labels[:, 1:], value[:, 1:]
+    logp, labels = answer_logprobs(team, prompts, targets, delta)
+    value = value_tokens(tok, prompts, targets, examples, (len(examples), labels.shape[1] + 1))[:, 1:]
     nll = -logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     right = logp.argmax(-1) == labels
     other = (labels != -100) & ~value
@@ -252,24 +259,18 @@ def article(checkpoint: str, n: str = "200") -> None:
         with torch.no_grad():
             delta = receiver.generator(encode(team.senders, queries, [[ex.contexts.get(s.name) for ex in chunk]
                                                                        for s in team.senders]))
-            for mode, given in (("weights", delta), ("none", None)):
-                scores = []
-                for category in CATEGORIES:
-                    targets = [CATEGORY_ANSWER.format(entity=ex.meta["entity"], category=_article(category))
-                               for ex in chunk]
-                    ids, mask, labels = teacher_forced(tok, prompts, targets, team.recipe.train.max_length)
-                    if given is None:
-                        logits = receiver.model(input_ids=ids, attention_mask=mask).logits
-                    else:
-                        with patched(receiver.model, given, validate=False):
-                            logits = receiver.model(input_ids=ids, attention_mask=mask).logits
-                    logp, labels = torch.log_softmax(logits[:, :-1].float(), -1), labels[:, 1:]
-                    scores.append((logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)).sum(1))
-                    if category == "animal":  # the position whose label is " an": the article
-                        at = logp[torch.arange(len(chunk)), (labels == an).float().argmax(1)].exp()
-                choice = torch.stack(scores, 1).argmax(1)
-                rows[mode] += [(ex.answer, list(CATEGORIES)[int(c)], float(at[i, an]), float(at[i, a]))
-                               for i, (ex, c) in enumerate(zip(chunk, choice))]
+        for mode, given in (("weights", delta), ("none", None)):
+            scores = []
+            for category in CATEGORIES:
+                targets = [CATEGORY_ANSWER.format(entity=ex.meta["entity"], category=_article(category))
+                           for ex in chunk]
+                logp, labels = answer_logprobs(team, prompts, targets, given)
+                scores.append((logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)).sum(1))
+                if category == "animal":  # the position whose label is " an": the article
+                    at = logp[torch.arange(len(chunk)), (labels == an).float().argmax(1)].exp()
+            choice = torch.stack(scores, 1).argmax(1)
+            rows[mode] += [(ex.answer, list(CATEGORIES)[int(c)], float(at[i, an]), float(at[i, a]))
+                           for i, (ex, c) in enumerate(zip(chunk, choice, strict=True))]
     for mode, got in rows.items():
         print(f"{mode}: forced choice {sum(g == c for g, c, _, _ in got)} of {len(got)}")
         for category in CATEGORIES:
