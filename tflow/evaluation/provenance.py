@@ -6,6 +6,7 @@ Collecting it never fails: what cannot be read (no git, no Lightning checkpoint,
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import subprocess
 from datetime import datetime, timezone
@@ -39,12 +40,12 @@ def provenance(recipe, recipe_path: str | Path, checkpoint: str | Path | None, t
 
 
 def checkpoint_provenance(checkpoint: str | Path) -> dict:
-    """{"path", "steps": {channel: optimizer steps as of its run's last Lightning checkpoint, or None}, and the
+    """{"path", "steps": {channel: optimizer steps as of its run's last saved part, or None}, and the
     "seed" and "recipe_sha256" of the training run's recipe.yaml (None without one)}."""
     from tflow.channels import registry
     from tflow.errors import CheckpointError
     from tflow.training.checkpoint import RECIPE_FILE, trained_parts
-    from tflow.training.loop import LIGHTNING_DIR, run_dir
+    from tflow.training.loop import run_dir
 
     path = Path(checkpoint).resolve()
     try:
@@ -55,7 +56,7 @@ def checkpoint_provenance(checkpoint: str | Path) -> dict:
     if parts and not path.is_dir():  # one part's file: its train.out_dir is where the part's path starts
         (channel,) = parts
         out_dir = path.parents[len(Path(registry.get(channel).part.file).parts) - 1]
-    steps = {channel: global_step(run_dir(out_dir, channel) / LIGHTNING_DIR / "last.ckpt") for channel in parts}
+    steps = {channel: global_step(run_dir(out_dir, channel)) for channel in parts}
     recipe = out_dir / RECIPE_FILE
     text = recipe.read_bytes() if recipe.is_file() else None
     try:
@@ -66,20 +67,17 @@ def checkpoint_provenance(checkpoint: str | Path) -> dict:
             "recipe_sha256": None if text is None else hashlib.sha256(text).hexdigest()}
 
 
-def global_step(checkpoint: Path) -> int | None:
-    """The `global_step` of a Lightning checkpoint (None when it is missing or unreadable).
+def global_step(run: Path) -> int | None:
+    """The optimizer steps a run had taken when it last saved its part, from its `STEPS_FILE`
+    (None when it is missing or unreadable: a run from before tflow wrote one).
 
-    Its step counter is exact whatever the logger (metrics.csv logs a step behind, and only with the
-    csv logger). The file is memory-mapped and read by torch's weights-only unpickler: no tensor
-    data is read, no code runs.
+    Lightning's own checkpoint is a pickle: a report never reads it.
     """
-    import torch
+    from tflow.training.loop import STEPS_FILE
 
-    if not checkpoint.is_file():
-        return None
     try:
-        step = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("global_step")
-    except Exception:  # a report must not fail over its provenance
+        step = json.loads((run / STEPS_FILE).read_text(encoding="utf-8")).get("global_step")
+    except (OSError, ValueError, AttributeError):  # a report must not fail over its provenance
         return None
     return step if isinstance(step, int) else None
 

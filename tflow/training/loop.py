@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import shutil
@@ -32,20 +33,25 @@ from tflow.training.data import load_splits
 from tflow.training.val_accuracy import ValAccuracy
 
 LIGHTNING_DIR = "lightning"
+STEPS_FILE = "steps.json"
+"""Beside a run's metrics.csv: {"global_step": N} as of the part last saved, so a report can say
+how far a checkpoint trained without unpickling Lightning's checkpoint."""
 QUIET_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric")
 """Where Lightning logs its start-up banners (devices, tips, `limit_val_batches`), one or the
 other depending on import order."""
 
 
 class SavePart(L.Callback):
-    """Writes the channel's trained part (atomically) after every validation and at the end."""
+    """Writes the channel's trained part (atomically) after every validation and at the end, then
+    the step it was saved at (`STEPS_FILE` in the run's folder)."""
 
-    def __init__(self, out_dir: Path):
-        self.out_dir = out_dir
+    def __init__(self, out_dir: Path, logs: Path):
+        self.out_dir, self.logs = out_dir, logs
 
     def _save(self, trainer, module) -> None:
         if trainer.is_global_zero and not trainer.sanity_checking:
             module.save_part(self.out_dir)
+            atomic_write_text(self.logs / STEPS_FILE, json.dumps({"global_step": trainer.global_step}) + "\n")
 
     def on_validation_end(self, trainer, module) -> None:
         if trainer.state.fn == "fit":
@@ -233,7 +239,7 @@ def _trainer(recipe, logs: Path, progress: bool, callbacks) -> L.Trainer:
             log_every_n_steps=cfg.log_every,
             logger=_logger(cfg, logs),
             callbacks=[
-                SavePart(Path(cfg.out_dir)),
+                SavePart(Path(cfg.out_dir), logs),
                 ModelCheckpoint(dirpath=logs / LIGHTNING_DIR, save_last=True, save_top_k=0,
                                 every_n_train_steps=cfg.val_every),
                 *([StepProgress()] if progress else []),

@@ -10,6 +10,7 @@ import tflow
 from tflow.channels.context import context_turn
 from tflow.cli import app
 from tflow.config.recipe import load_recipe
+from tflow.evaluation.provenance import checkpoint_provenance
 from tflow.training.loop import train
 
 QUERY = "What is the secret code of Lisbon?"
@@ -37,6 +38,7 @@ def test_context_puts_every_document_in_the_receivers_own_prompt(tmp_path):
 def test_a_control_trains_a_receiver_lora_of_the_kv_size_and_loads_it(tmp_path, channel):
     result = train(load_recipe("recipes/tiny.yaml", args(tmp_path, f"train.channel={channel}")), progress=False)
     assert result.part == tmp_path / "out" / channel / "adapter_model.safetensors" and result.global_step == 3
+    assert checkpoint_provenance(tmp_path / "out")["steps"] == {channel: 3}  # from the run's steps.json
     lora = result.team.receiver.parts[channel]
     kv = result.team.receiver.kv_lora
     assert not lora.is_zero() and lora.rank == kv.rank and lora.spec == kv.spec

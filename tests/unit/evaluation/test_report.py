@@ -3,6 +3,7 @@ warnings; the eval CLI and its mistakes."""
 
 import hashlib
 import json
+import pickle
 import subprocess
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -158,8 +159,7 @@ def test_provenance_is_in_the_json_and_at_the_top_of_the_md(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "generator.safetensors").write_bytes(b"")  # a folder holding the weights part
-    (ckpt / "lightning").mkdir()
-    torch.save({"global_step": 39, "state_dict": {"w": torch.zeros(2)}}, ckpt / "lightning" / "last.ckpt")
+    (ckpt / "steps.json").write_text('{"global_step": 39}\n')  # as SavePart writes it
     (ckpt / "recipe.yaml").write_text(recipe.to_yaml())
     p = provenance(recipe, "recipes/tiny.yaml", ckpt, "relay", "test", 64, 4)
     assert p["recipe"]["sha256"] == hashlib.sha256(recipe.to_yaml().encode()).hexdigest()
@@ -191,14 +191,29 @@ def test_provenance_never_fails_without_git_checkpoints_or_parts(tmp_path, monke
     (tmp_path / "part").mkdir()
     (tmp_path / "part" / "generator.safetensors").write_bytes(b"")
     assert provenance_module.checkpoint_provenance(tmp_path / "part")["steps"] == {"weights": None}
-    (tmp_path / "part" / "lightning").mkdir()
-    (tmp_path / "part" / "lightning" / "last.ckpt").write_bytes(b"torn")
+    (tmp_path / "part" / "steps.json").write_text('{"global_step": ')  # torn
     assert provenance_module.checkpoint_provenance(tmp_path / "part")["steps"] == {"weights": None}
     p = provenance(load_recipe("recipes/tiny.yaml"), "recipes/tiny.yaml", None, "relay", "test", 64, None)
     assert p["checkpoint"] is None and p["tflow"]["commit"] is None
     write_report(fake_result(), tmp_path / "out", provenance=p)
     md = (tmp_path / "out" / "report.md").read_text()
     assert "- Checkpoint: none" in md and "commit unknown (not a git checkout)" in md and "(64 examples)" in md
+
+
+def test_provenance_never_unpickles_lightnings_checkpoint(tmp_path):
+    """A checkpoint folder handed to `tflow eval` may be anyone's: its last.ckpt (a pickle) is not
+    read, even where it names a step and no steps.json does."""
+    (tmp_path / "generator.safetensors").write_bytes(b"")
+    (tmp_path / "lightning").mkdir()
+    marker = tmp_path / "unpickled"
+
+    class Trap:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "lightning" / "last.ckpt").write_bytes(pickle.dumps({"global_step": 39, "trap": Trap()}))
+    assert provenance_module.checkpoint_provenance(tmp_path)["steps"] == {"weights": None}
+    assert not marker.exists()
 
 
 def test_unwritable_out_is_an_output_error(tmp_path):

@@ -1,6 +1,7 @@
 """Generator training on Lightning: val loss falls, checkpoints load to the same answers, kills and resumes."""
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -39,6 +40,7 @@ def val_losses(out_dir):
 def test_val_loss_falls_on_held_out_split(trained):
     _, result = trained
     assert result.global_step == 40
+    assert json.loads((result.out_dir / "steps.json").read_text()) == {"global_step": 40}
     losses = val_losses(result.out_dir)
     assert losses[0][0] == 0 and len(losses) == 5
     assert losses[-1][1] < losses[0][1] - 0.1, losses
@@ -125,6 +127,7 @@ def test_interrupted_run_resumes_to_the_same_final_step(tmp_path):
     assert first.interrupted and first.global_step == 15
     resumed = train(rec, resume=True, progress=False)
     assert resumed.global_step == 20 and not resumed.interrupted
+    assert json.loads((tmp_path / "out" / "steps.json").read_text()) == {"global_step": 20}
     steps = [s for s, _ in val_losses(tmp_path / "out")]
     assert steps == [0, 9, 19]  # the first run's history survives the resume
     assert not (tmp_path / "out" / "metrics.before-resume.csv").exists()
