@@ -38,6 +38,7 @@ from tflow.evaluation.evaluate import (
 from tflow.reply import Reply
 from tflow.tasks import Example, Task
 from tflow.team import Team
+from tflow.training.loop import quiet_lightning
 
 SHARDING = ("ddp", "auto")
 """Strategies eval shards with: processes started as scripts (ddp), or Lightning's choice (auto)."""
@@ -203,7 +204,8 @@ def evaluate_sharded(trainer: L.Trainer, team: Team, task: Task, examples: Seque
     names, chosen = check_inputs(team, examples, channels, batch_size, ablations)
     module = ShardModule(team, task, examples, names)
     loader = DataLoader(range(len(examples)), batch_size=batch_size, collate_fn=list)
-    with warnings.catch_warnings():  # Lightning warns that the sampler repeats examples: merge drops the repeats
+    with warnings.catch_warnings(), quiet_lightning():  # and its start-up banners ("Initializing distributed")
+        # Lightning warns that the sampler repeats examples: merge drops the repeats
         warnings.filterwarnings("ignore", "Using `DistributedSampler` with the dataloaders")
         trainer.test(module, loader, verbose=False)
     if not trainer.is_global_zero:
