@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, create_model, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
+from pydantic_core import PydanticCustomError, to_jsonable_python
 
 from tflow.config.base import Section
 from tflow.config.explain import explain
@@ -92,6 +92,22 @@ def recipe_model() -> type[Recipe]:
             for name, section in sections.items()}
         _MODELS[key] = create_model("Recipe", __base__=Recipe, __doc__=Recipe.__doc__, **_AGENTS, **fields, **_RUN)
     return _MODELS[key]
+
+
+def schema_defaults() -> dict:
+    """{dotted.key: default} of every recipe key that has a default, in the schema registered now
+    (`recipe_model`), as `to_dict` would write it."""
+
+    def walk(model, prefix: str) -> dict:
+        out = {}
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                out.update(walk(field.annotation, f"{prefix}{name}."))
+            elif not field.is_required():
+                out[f"{prefix}{name}"] = to_jsonable_python(field.get_default(call_default_factory=True))
+        return out
+
+    return walk(recipe_model(), "")
 
 
 def _first_sentence(doc: str | None) -> str:

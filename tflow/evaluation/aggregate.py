@@ -2,7 +2,8 @@
 pooled intervals, written as aggregate.json, aggregate.md and aggregate.png.
 
 Only evals of the same task, split, queries, channels and recipe (its `seed` and `train.out_dir`
-aside) are aggregated. Time is compared only within an eval: a ratio per run, then their range,
+aside) are aggregated. A recipe key that one report lacks, because an older tflow wrote it before
+the key existed, is taken at its current default (a new key's default keeps the old behaviour). Time is compared only within an eval: a ratio per run, then their range,
 because runs may have run on different machines or under different load.
 """
 
@@ -12,6 +13,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from tflow.config.recipe import schema_defaults
 from tflow.errors import AggregateError
 from tflow.evaluation.report import REFERENCES, interval_cell, md_row, terminal_tables
 from tflow.evaluation.stats import LEVEL, RESAMPLES, pooled_interval
@@ -83,9 +85,11 @@ def _check_same(first_run, first: dict, run, report: dict) -> None:
         if a != b:
             raise differ(what, a, b)
     mine, theirs = (_flatten(r["provenance"]["recipe"]["resolved"]) for r in (first, report))
+    defaults = schema_defaults()  # a key one report lacks (an older tflow's) is taken at its default
     for key in sorted(set(mine) | set(theirs)):
-        if key not in IGNORED_KEYS and mine.get(key, "unset") != theirs.get(key, "unset"):
-            raise differ(f"recipe key {key}", mine.get(key, "unset"), theirs.get(key, "unset"))
+        a, b = (r[key] if key in r else defaults.get(key, "unset") for r in (mine, theirs))
+        if key not in IGNORED_KEYS and a != b:
+            raise differ(f"recipe key {key}", a, b)
 
 
 def _flatten(data, prefix: str = "") -> dict:

@@ -72,6 +72,23 @@ def test_evals_of_different_setups_are_refused_naming_the_difference(tmp_path, o
         aggregate(runs)
 
 
+def without_key(run, section: str, key: str):
+    """The eval in `run` as a tflow from before recipe key `section.key` existed would have written it."""
+    path = run / "report.json"
+    report = json.loads(path.read_text())
+    del report["provenance"]["recipe"]["resolved"][section][key]
+    path.write_text(json.dumps(report))
+    return run
+
+
+def test_a_key_an_older_report_lacks_counts_at_its_default(tmp_path):
+    old = without_key(eval_dir(tmp_path / "old"), "train", "val_answers")
+    assert [r["seed"] for r in aggregate([old, eval_dir(tmp_path / "new", seed=1)])["runs"]] == [0, 1]
+    other = eval_dir(tmp_path / "other", seed=1, overrides=["train.val_answers=8"])
+    with pytest.raises(AggregateError, match=r"recipe key train.val_answers differs \(0 vs 8\)$"):
+        aggregate([old, other])
+
+
 def test_missing_or_unprovenanced_reports_are_refused(tmp_path):
     write_report(fake_result(), tmp_path / "old")  # no provenance
     with pytest.raises(AggregateError, match="old/report.json has no provenance"):
