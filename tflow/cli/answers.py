@@ -170,8 +170,9 @@ def aggregate(
 ) -> None:
     """Aggregate evals of one setup (say, several training seeds) into one table.
 
-    Per channel: the mean accuracy, its range over the evals and a pooled bootstrap interval,
-    tokens per query, time, and time ratios taken within each eval. Evals that differ in task,
+    Per channel: the mean accuracy, its range over the evals and a bootstrap interval that
+    resamples the shared queries once for all evals, tokens per query, time, and time ratios
+    taken within each eval. Evals that differ in task,
     split, queries, channels or recipe (its seed and train.out_dir aside) are refused.
     """
     from tflow.evaluation.aggregate import AGGREGATE_FILES, aggregate, render_table, write_aggregate

@@ -1,5 +1,5 @@
 """Aggregation: evals of one setup (say, several training seeds) as one table of means, ranges and
-pooled intervals, written as aggregate.json, aggregate.md and aggregate.png.
+intervals, written as aggregate.json, aggregate.md and aggregate.png.
 
 Only evals of the same task, split, queries, channels and recipe (its `seed` and `train.out_dir`
 aside) are aggregated. A recipe key that one report lacks, because an older tflow wrote it before
@@ -16,18 +16,19 @@ from pathlib import Path
 from tflow.config.recipe import schema_defaults
 from tflow.errors import AggregateError
 from tflow.evaluation.report import REFERENCES, interval_cell, md_row, terminal_tables
-from tflow.evaluation.stats import LEVEL, RESAMPLES, pooled_interval
+from tflow.evaluation.stats import LEVEL, RESAMPLES, joint_interval
 from tflow.io import atomic_write, atomic_write_text, writable_dir
 
 AGGREGATE_FILES = ("aggregate.json", "aggregate.md", "aggregate.png")
 IGNORED_KEYS = ("seed", "train.out_dir")
 """Recipe keys that may differ between aggregated evals: the seed varies by design, and where a run
 wrote its checkpoint says nothing about how it ran."""
-COLUMNS = ("channel", "mean accuracy (%)", "range (%)", "pooled 95% interval (%)", "tokens / query", "time (s)",
+COLUMNS = ("channel", "mean accuracy (%)", "range (%)", "95% interval (%)", "tokens / query", "time (s)",
            *(f"time vs {r} (range)" for r in REFERENCES))
 NOTE = (
-    "Mean and range (min–max) of each eval's accuracy; the pooled interval is a 95% percentile bootstrap of the "
-    f"mean accuracy, resampling the queries within each eval ({RESAMPLES} resamples, seed 0). Tokens per query "
+    "Mean and range (min–max) of each eval's accuracy; the interval is a 95% percentile bootstrap of the mean "
+    f"accuracy that resamples the queries once for all evals, which answered the same queries ({RESAMPLES} "
+    "resamples, seed 0). Tokens per query "
     "and time: means over the evals. A time ratio is taken within each eval, then its range over the evals "
     "is shown; — where that channel was not run."
 )
@@ -50,7 +51,7 @@ def aggregate(runs: Sequence[str | Path]) -> dict:
         "task": first["task"], "split": first["provenance"]["split"], "n": first["n"],
         "bootstrap": {"resamples": RESAMPLES, "seed": 0, "level": LEVEL},
         "runs": [_run(run, r["provenance"]) for run, r in zip(runs, reports, strict=True)],
-        "channels": {name: _channel(name, reports) for name in first["channels"]},
+        "channels": {name: _channel(name, runs, reports) for name in first["channels"]},
     }
 
 
@@ -111,15 +112,31 @@ def _run(run, p: dict) -> dict:
             "commit": p["tflow"]["commit"], "date": p["date"], "cpu": p["machine"]["cpu"], "gpu": p["machine"]["gpu"]}
 
 
+def _verdicts(name: str, runs) -> list[list[bool]]:
+    """Channel `name`'s verdict on each query, in query order, per eval (its predictions.jsonl).
+
+    Raises:
+        AggregateError: an eval without predictions.jsonl, or evals that asked other questions.
+    """
+    from tflow.evaluation.paired import read_row  # paired reads reports through this module
+
+    rows = [read_row(f"{run}:{name}") for run in runs]
+    for run, row in zip(runs[1:], rows[1:], strict=True):
+        if row.questions != rows[0].questions:
+            raise AggregateError(f"cannot aggregate {runs[0]} and {run}: the queries differ (the evals asked other "
+                                 "questions)")
+    return [row.correct for row in rows]
+
+
 def _spread(values: list[float]) -> dict:
     """{"mean", "min", "max"} of `values`."""
     return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
 
 
-def _channel(name: str, reports: list[dict]) -> dict:
-    """One channel over the evals: accuracy (mean, range, pooled interval), tokens, time and time ratios."""
+def _channel(name: str, runs, reports: list[dict]) -> dict:
+    """One channel over the evals: accuracy (mean, range, joint interval), tokens, time and time ratios."""
     mine = [r["channels"][name] for r in reports]
-    verdicts = [[True] * c["correct"] + [False] * (r["n"] - c["correct"]) for c, r in zip(mine, reports, strict=True)]
+    verdicts = _verdicts(name, runs)
     ratios = {}
     for reference in REFERENCES:
         if reference != name and reference in reports[0]["channels"]:
@@ -128,7 +145,7 @@ def _channel(name: str, reports: list[dict]) -> dict:
             ratios[reference] = {"min": min(per_run), "max": max(per_run), "runs": per_run} if per_run else None
     return {
         "label": mine[0].get("label", name),
-        "accuracy": {**_spread([c["accuracy"] for c in mine]), "interval": list(pooled_interval(verdicts)),
+        "accuracy": {**_spread([c["accuracy"] for c in mine]), "interval": list(joint_interval(verdicts)),
                      "runs": [c["accuracy"] for c in mine]},
         "tokens_per_query": _spread([c["tokens_per_query"] for c in mine]),
         "seconds": _spread([c["seconds"] for c in mine]),
@@ -183,7 +200,7 @@ def render_table(summary: dict) -> str:
 
 
 def figure(summary: dict):
-    """aggregate.png (drawn by Agg): mean accuracy with its pooled interval and each eval's accuracy."""
+    """aggregate.png (drawn by Agg): mean accuracy with its interval and each eval's accuracy."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.5, 4.2), layout="constrained")
@@ -198,5 +215,5 @@ def figure(summary: dict):
         ax.scatter([x] * len(a["runs"]), [100 * v for v in a["runs"]], color="tab:red", zorder=3, s=18)
     ax.set_xticks(range(len(channels)), [c["label"] for c in channels.values()])
     ax.set(ylabel="accuracy (%)", ylim=(0, 105),
-           title=f"{summary['task']}: mean of {len(summary['runs'])} evals, pooled 95% interval, each eval (dots)")
+           title=f"{summary['task']}: mean of {len(summary['runs'])} evals, 95% interval, each eval (dots)")
     return fig

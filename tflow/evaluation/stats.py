@@ -1,4 +1,4 @@
-"""Percentile bootstrap intervals over queries: one accuracy, a paired difference, several runs pooled.
+"""Percentile bootstrap intervals over queries: one accuracy, a paired difference, the mean of several runs.
 
 Resampling n queries with replacement and counting the right ones is a binomial draw (for a pair
 of channels, a multinomial draw over the four (right, wrong) cells), so the resamples are drawn as
@@ -23,23 +23,37 @@ def bootstrap_interval(correct: Sequence[bool], resamples: int = RESAMPLES, seed
     Raises:
         ValueError: no queries, resamples < 1, or a level outside (0, 1).
     """
-    return pooled_interval([correct], resamples, seed, level)
+    _check(resamples, level)
+    if not correct:
+        raise ValueError("an interval needs at least one query")
+    n = len(correct)
+    rng = np.random.default_rng(seed)
+    return _percentiles(rng.binomial(n, sum(map(bool, correct)) / n, resamples) / n, level)
 
 
-def pooled_interval(runs: Sequence[Sequence[bool]], resamples: int = RESAMPLES, seed: int = 0,
-                    level: float = LEVEL) -> tuple[float, float]:
-    """The interval of the mean accuracy over `runs`, resampling the queries within each run.
+def joint_interval(runs: Sequence[Sequence[bool]], resamples: int = RESAMPLES, seed: int = 0,
+                   level: float = LEVEL) -> tuple[float, float]:
+    """The interval of the mean accuracy over `runs` that answered the same queries (runs[r][i]
+    answers query i): one resample of the queries serves every run, so what the runs share (the
+    same easy and hard queries) is not counted as independent evidence. Identical runs give one
+    run's width; runs right on complementary halves give a mean of exactly one half.
+
+    Each query's score (how many runs were right on it) takes one of len(runs) + 1 values, so a
+    resample is a multinomial draw over those values.
 
     Raises:
-        ValueError: no run, a run with no queries, resamples < 1, or a level outside (0, 1).
+        ValueError: no run, a run with no queries, runs of different lengths, resamples < 1, or a
+            level outside (0, 1).
     """
     _check(resamples, level)
     if not runs or not all(len(run) for run in runs):
         raise ValueError("every run needs at least one query")
-    rng = np.random.default_rng(seed)
-    means = np.mean([rng.binomial(len(run), sum(map(bool, run)) / len(run), resamples) / len(run)
-                     for run in runs], axis=0)
-    return _percentiles(means, level)
+    if len({len(run) for run in runs}) != 1:
+        raise ValueError(f"the runs must answer the same queries; they answered {sorted({len(r) for r in runs})}")
+    k, n = len(runs), len(runs[0])
+    counts = np.bincount(np.asarray(runs, dtype=bool).sum(axis=0), minlength=k + 1)
+    draws = np.random.default_rng(seed).multinomial(n, counts / n, size=resamples)  # [resamples, k + 1]
+    return _percentiles(draws @ (np.arange(k + 1) / k) / n, level)
 
 
 def paired_difference(a: Sequence[bool], b: Sequence[bool], resamples: int = RESAMPLES, seed: int = 0,

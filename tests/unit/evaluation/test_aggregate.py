@@ -1,4 +1,4 @@
-"""Aggregating evals of several training seeds: means, ranges, pooled intervals, time ratios within
+"""Aggregating evals of several training seeds: means, ranges, joint intervals, time ratios within
 each eval, and the refusals of evals that differ; reports written by the real `write_report`."""
 
 import json
@@ -32,7 +32,7 @@ def eval_dir(folder, seed=0, right=None, slower=1.0, overrides=(), split="test",
     return folder
 
 
-def test_three_seeds_give_means_ranges_pooled_intervals_and_in_eval_time_ratios(tmp_path):
+def test_three_seeds_give_means_ranges_joint_intervals_and_in_eval_time_ratios(tmp_path):
     rights = [{"text": 1, "weights": 3}, {"text": 2, "weights": 4}, {"text": 3, "weights": 2}]
     runs = [eval_dir(tmp_path / f"seed{i}", seed=i, right=right, slower=2.0 ** i,
                      overrides=[f"train.out_dir=runs/seed{i}"]) for i, right in enumerate(rights)]
@@ -89,6 +89,19 @@ def test_a_key_an_older_report_lacks_counts_at_its_default(tmp_path):
         aggregate([old, other])
 
 
+def test_the_interval_resamples_the_shared_queries_once_and_other_queries_are_refused(tmp_path):
+    runs = [eval_dir(tmp_path / f"seed{i}", seed=i) for i in range(2)]  # the same verdicts twice
+    one = aggregate(runs[:1])["channels"]["text"]["accuracy"]["interval"]
+    assert aggregate(runs)["channels"]["text"]["accuracy"]["interval"] == one  # no narrower than one eval
+    path = runs[1] / "predictions.jsonl"
+    path.write_text(path.read_text().replace('"question": "', '"question": "Not ', 1))
+    with pytest.raises(AggregateError, match=f"^cannot aggregate {runs[0]} and {runs[1]}: the queries differ"):
+        aggregate(runs)
+    path.unlink()
+    with pytest.raises(AggregateError, match="predictions.jsonl does not exist"):
+        aggregate(runs)
+
+
 def test_missing_or_unprovenanced_reports_are_refused(tmp_path):
     write_report(fake_result(), tmp_path / "old")  # no provenance
     with pytest.raises(AggregateError, match="old/report.json has no provenance"):
@@ -101,7 +114,7 @@ def test_aggregate_cli_prints_the_table_and_refuses_in_one_line(tmp_path):
     runs = [str(eval_dir(tmp_path / f"s{i}", seed=i)) for i in range(2)]
     done = runner.invoke(app, ["aggregate", *runs, "--out", str(tmp_path / "agg")])
     assert done.exit_code == 0, done.output
-    assert "pooled 95% interval" in done.stdout
+    assert "95% interval" in done.stdout and "pooled" not in done.stdout
     assert done.stdout.splitlines()[-3:] == [f"wrote {tmp_path / 'agg' / f}" for f in AGGREGATE_FILES]
     eval_dir(tmp_path / "other", channels=CHANNELS[:1])
     done = runner.invoke(app, ["aggregate", runs[0], str(tmp_path / "other"), "--out", str(tmp_path / "agg2")])

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from tflow.evaluation.stats import bootstrap_interval, paired_difference, pooled_interval
+from tflow.evaluation.stats import bootstrap_interval, joint_interval, paired_difference
 
 
 def test_all_right_and_all_wrong_have_degenerate_intervals():
@@ -52,19 +52,22 @@ def test_paired_difference_is_the_accuracy_difference_with_a_narrow_interval_whe
     assert paired_difference(b, a)[0] == pytest.approx(-0.05)
 
 
-def test_pooling_runs_narrows_the_interval_and_one_run_is_the_plain_interval():
+def test_the_mean_of_runs_on_the_same_queries_resamples_the_queries_once_for_all():
     run = [True, False, False, True, True] * 20
-    assert pooled_interval([run]) == bootstrap_interval(run)
-    low, high = pooled_interval([run, [True] * 30 + [False] * 70])
+    assert joint_interval([run, run, run]) == joint_interval([run])  # identical runs: no narrower than one
+    one = joint_interval([run])
+    assert one[0] < 0.6 < one[1] and one == pytest.approx(bootstrap_interval(run), abs=0.02)
+    assert joint_interval([run, [not v for v in run]]) == (0.5, 0.5)  # complementary runs: always one half
+    low, high = joint_interval([run, [True] * 30 + [False] * 70])
     assert low < (0.6 + 0.3) / 2 < high
-    assert high - low < bootstrap_interval(run)[1] - bootstrap_interval(run)[0]
 
 
 @pytest.mark.parametrize("call, message", [
     (lambda: paired_difference([True], [True, False]), "got 1 and 2"),
     (lambda: paired_difference([], []), "no queries"),
     (lambda: bootstrap_interval([]), "at least one query"),
-    (lambda: pooled_interval([]), "at least one query"),
+    (lambda: joint_interval([]), "at least one query"),
+    (lambda: joint_interval([[True], [True, False]]), r"the runs must answer the same queries; they answered \[1, 2\]"),
     (lambda: bootstrap_interval([True], resamples=0), "resamples must be >= 1"),
     (lambda: bootstrap_interval([True], level=1.0), r"level must be in \(0, 1\)"),
 ])
