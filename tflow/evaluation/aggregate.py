@@ -3,8 +3,10 @@ intervals, written as aggregate.json, aggregate.md and aggregate.png.
 
 Only evals of the same task, split, queries, channels and recipe (its `seed` and `train.out_dir`
 aside) are aggregated. A recipe key that one report lacks, because an older tflow wrote it before
-the key existed, is taken at its current default (a new key's default keeps the old behaviour). Time is compared only within an eval: a ratio per run, then their range,
-because runs may have run on different machines or under different load.
+the key existed, is taken at its current default (a new key's default keeps the old behaviour).
+The evals answered the same queries, so the interval of the mean resamples them once for all
+evals (`stats.joint_interval`). Time is compared only within an eval: a ratio per run, then their
+range, because runs may have run on different machines or under different load.
 """
 
 from __future__ import annotations
