@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tflow.config.recipe import schema_defaults
 from tflow.errors import AggregateError
-from tflow.evaluation.report import REFERENCES, interval_cell, md_row, terminal_tables
+from tflow.evaluation.report import REFERENCES, headers, interval_cell, md_row, terminal_tables
 from tflow.evaluation.stats import LEVEL, RESAMPLES, joint_interval
 from tflow.io import atomic_write, atomic_write_text, writable_dir
 
@@ -26,7 +26,7 @@ IGNORED_KEYS = ("seed", "train.out_dir")
 """Recipe keys that may differ between aggregated evals: the seed varies by design, and where a run
 wrote its checkpoint says nothing about how it ran."""
 COLUMNS = ("channel", "mean accuracy (%)", "range (%)", "95% interval (%)", "tokens / query", "time (s)",
-           *(f"time vs {r} (range)" for r in REFERENCES))
+           *(f"time vs {{{r}}} (range)" for r in REFERENCES))
 NOTE = (
     "Mean and range (min–max) of each eval's accuracy; the interval is a 95% percentile bootstrap of the mean "
     f"accuracy that resamples the queries once for all evals, which answered the same queries ({RESAMPLES} "
@@ -191,13 +191,13 @@ def markdown(summary: dict) -> str:
         out.append(f"- `{r['dir']}`: seed {r['seed']}{trained}, {steps}; recipe sha256 `{r['recipe_sha256'][:12]}`, "
                    f"commit {(r['commit'] or 'unknown')[:12]}, {r['date']}, CPU {r['cpu'] or 'unknown'}"
                    + (f", GPU {r['gpu']}" if r["gpu"] else ""))
-    out += ["", md_row(COLUMNS), md_row(["---"] * len(COLUMNS)), *map(md_row, table_rows(summary)), "", NOTE]
+    out += ["", md_row(headers(COLUMNS, summary["channels"])), md_row(["---"] * len(COLUMNS)), *map(md_row, table_rows(summary)), "", NOTE]
     return "\n".join(out) + "\n"
 
 
 def render_table(summary: dict) -> str:
     """The aggregate table as terminal text."""
-    return terminal_tables([(COLUMNS, table_rows(summary),
+    return terminal_tables([(headers(COLUMNS, summary["channels"]), table_rows(summary),
                              f"{summary['task']}: {len(summary['runs'])} evals (n = {summary['n']} each)")])
 
 

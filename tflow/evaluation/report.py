@@ -22,7 +22,8 @@ from tflow.io import atomic_write, atomic_write_text, writable_dir
 
 REPORT_FILES = ("report.json", "report.md", "report.png", "predictions.jsonl")
 COLUMNS = ("channel", "accuracy (%)", "95% interval (%)", "processed tokens", "time (s)",
-           "tokens vs text", "tokens vs none", "time vs text", "time vs none")
+           "tokens vs {text}", "tokens vs {none}", "time vs {text}", "time vs {none}")
+"""Column headers; `{none}` and `{text}` name the reference rows by their labels (`headers`)."""
 NOTE = (
     "Processed tokens: prompt tokens (padding excluded) + generated tokens (through the first EOS) "
     "of every agent, sender prefill included, summed over all queries; prompt tokens a sender read "
@@ -38,7 +39,7 @@ DIFFERENCE_NOTE = (
     "its 95% paired bootstrap interval (the queries resampled once for both channels); an interval "
     "that excludes 0 is a difference the queries resolve; — on the channel itself."
 )
-ABLATION_COLUMNS = ("row", "accuracy (%)", "95% interval (%)", "vs {channel} (points)", "vs none (points)",
+ABLATION_COLUMNS = ("row", "accuracy (%)", "95% interval (%)", "vs {channel} (points)", "vs {none} (points)",
                     "right for the donor (%)", "refused deltas")
 ABLATION_NOTE = (
     "Every row answers every query with an edited message. shuffled: another query's (a fixed "
@@ -148,6 +149,13 @@ def write_report(result: EvalResult, out: str | Path, provenance: dict | None = 
     return report
 
 
+def headers(columns: Sequence[str], channels: dict, **fields: str) -> list[str]:
+    """`columns` with each reference (`{none}`, `{text}`) named by its row's label: a ratio against
+    the channel keyed `none` reads "vs none trained" where that row is the trained control."""
+    names = {r: channels[r].get("label", r) if r in channels else r for r in REFERENCES}
+    return [c.format(**names, **fields) for c in columns]
+
+
 def table_rows(report: dict) -> list[list[str]]:
     """One row of `COLUMNS` per channel; ratios only against channels that were run."""
     channels = report["channels"]
@@ -192,7 +200,7 @@ def difference_rows(report: dict) -> tuple[list[str], list[list[str]]] | None:
     references = [r for r in REFERENCES if r in channels]
     if not references or len(channels) < 2:
         return None
-    header = ["channel", *(f"vs {r} (points)" for r in references)]
+    header = headers(["channel", *(f"vs {{{r}}} (points)" for r in references)], channels)
     return header, [[c.get("label", name), *(points_cell(report["differences"][name].get(r)) for r in references)]
                     for name, c in channels.items()]
 
@@ -209,7 +217,7 @@ def ablation_rows(report: dict, channel: str) -> tuple[list[str], list[list[str]
     rows = {channel: {**base, "differences": {channel: same, **report["differences"][channel]}},
             **report.get("ablations", {}).get(channel, {})}
     holders = len(base["accuracy_by_holder"]) > 1
-    header = [c.format(channel=channel) for c in ABLATION_COLUMNS] + ["accuracy by holder (%)"] * holders
+    header = headers(ABLATION_COLUMNS, report["channels"], channel=channel) + ["accuracy by holder (%)"] * holders
     table = []
     for name, c in rows.items():
         donor = "—" if c["donor_accuracy"] is None else f"{100 * c['donor_accuracy']:.2f}"
@@ -230,7 +238,8 @@ def markdown(report: dict) -> str:
         out += [f"**Warning:** {warning}.", ""]
     if report["provenance"]:
         out += [*provenance_lines(report["provenance"]), ""]
-    out += [md_row(COLUMNS), md_row(["---"] * len(COLUMNS)), *map(md_row, table_rows(report)), "", NOTE, ""]
+    out += [md_row(headers(COLUMNS, report["channels"])), md_row(["---"] * len(COLUMNS)), *map(md_row, table_rows(report)),
+            "", NOTE, ""]
     paired = difference_rows(report)
     if paired is not None:
         header, rows = paired
@@ -317,7 +326,7 @@ def md_row(cells) -> str:
 
 def render_table(report: dict) -> str:
     """The channel table, its paired differences, then any ablation table, as terminal text (rich tables)."""
-    tables = [(COLUMNS, table_rows(report), f"{report['task']} (n = {report['n']})")]
+    tables = [(headers(COLUMNS, report["channels"]), table_rows(report), f"{report['task']} (n = {report['n']})")]
     paired = difference_rows(report)
     tables += [(*paired, "paired differences (points, 95% interval)")] if paired is not None else []
     tables += [(*ablation_rows(report, channel), f"{channel} ablations") for channel in report.get("ablations", {})]

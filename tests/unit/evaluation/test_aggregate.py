@@ -54,6 +54,7 @@ def test_three_seeds_give_means_ranges_joint_intervals_and_in_eval_time_ratios(t
     assert ratio["runs"] == pytest.approx([0.4] * 3) and ratio["min"] == pytest.approx(ratio["max"])
     assert set(weights["time_ratio"]) == {"none", "text"} and set(text["time_ratio"]) == {"none"}
     md = (tmp_path / "agg" / "aggregate.md").read_text()
+    assert "| time vs none (range) | time vs text (range) |" in md
     assert "| weights | 75.00 | 50.00–100.00 |" in md and "0.40×–0.40×" in md and "seed 2" in md
     assert (tmp_path / "agg" / "aggregate.png").read_bytes()[:4] == b"\x89PNG"
 

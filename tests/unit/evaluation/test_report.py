@@ -21,7 +21,7 @@ from tflow.errors import OutputError
 from tflow.evaluation import provenance as provenance_module
 from tflow.evaluation.evaluate import ChannelResult, EvalResult, Failure
 from tflow.evaluation.provenance import provenance
-from tflow.evaluation.report import COLUMNS, REPORT_FILES, render_table, write_report
+from tflow.evaluation.report import COLUMNS, REPORT_FILES, headers, render_table, write_report
 from tflow.evaluation.stats import bootstrap_interval, paired_difference
 from tflow.reply import AgentUsage, Reply, Usage
 from tflow.tasks import relay
@@ -52,7 +52,7 @@ def md_table(path):
     """The first table of report.md (the channel table) as {channel: {column: cell}}."""
     table = next(block for block in path.read_text().split("\n\n") if block.startswith("|")).splitlines()
     header, _, *rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table]
-    assert header == list(COLUMNS)
+    assert header[:5] == list(COLUMNS[:5])
     return {row[0]: dict(zip(header, row, strict=True)) for row in rows}
 
 
@@ -98,7 +98,16 @@ def test_report_files_agree_with_each_other(tmp_path):
 def test_ratios_only_against_channels_that_ran(tmp_path):
     write_report(fake_result(CHANNELS[2:]), tmp_path)
     row = md_table(tmp_path / "report.md")["weights"]
-    assert [row[c] for c in COLUMNS[5:]] == ["—"] * 4
+    assert [row[c] for c in headers(COLUMNS, {})[5:]] == ["—"] * 4
+
+
+def test_ratio_and_difference_columns_name_the_reference_by_its_label(tmp_path):
+    result = fake_result()
+    result.channels["none"].label = "none trained"  # the trained control is keyed none, as in `tflow eval`
+    write_report(result, tmp_path, None)
+    header = md_table(tmp_path / "report.md")["none trained"]
+    assert list(header)[5:] == ["tokens vs text", "tokens vs none trained", "time vs text", "time vs none trained"]
+    assert "| channel | vs none trained (points) | vs text (points) |" in (tmp_path / "report.md").read_text()
 
 
 def test_accuracies_carry_intervals_and_channels_paired_differences(tmp_path):
