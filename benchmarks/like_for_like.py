@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from tflow.training.loop import STEPS_FILE, run_dir
+
 TFLOW = str(Path(sys.executable).with_name("tflow"))  # the CLI of this environment
 TRAIN = ("train.max_steps=100", "train.val_every=100", "train.val_batches=4")
 CHANNELS = {"relay": ("none", "weights", "kv", "context", "latent", "text"),
@@ -53,7 +55,7 @@ def queue(task: str, seed: int, out: Path) -> list[tuple[str, list[str], Path]]:
     parts = out / "parts"
     steps = []
     for channel in CHANNELS[task]:
-        done = parts / ("steps.json" if channel == "weights" else f"{channel}-run/steps.json")
+        done = run_dir(parts, channel) / STEPS_FILE
         steps.append((f"train-{channel}", [TFLOW, "train", f"recipes/smollm2-{task}.yaml", f"seed={seed}", *TRAIN,
                                            f"train.out_dir={parts}", f"train.channel={channel}"], done))
     for name, args in evals(task, parts, seed).items():
